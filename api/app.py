@@ -1,0 +1,68 @@
+"""The Falcon app: `create_app(settings, ...)` wires real parts through constructors."""
+
+from __future__ import annotations
+
+import falcon
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import create_engine, make_session_factory
+from settings import Settings
+
+from . import billing, errors, health, tasks, users
+from .auth import AuthMiddleware, TokenVerifier
+from .logs import configure_logging
+from .middleware import BodyLimitMiddleware, RequestIdMiddleware, SessionMiddleware
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    session_factory: sessionmaker[Session] | None = None,
+    queue=None,
+    storage=None,
+) -> falcon.App:
+    engine = engine or create_engine(settings.database_url)
+    session_factory = session_factory or make_session_factory(engine)
+    if queue is None:
+        from worker.queue import TaskQueue, create_celery
+
+        queue = TaskQueue(create_celery(settings))
+
+    app = falcon.App(
+        middleware=[
+            RequestIdMiddleware(),
+            falcon.CORSMiddleware(
+                allow_origins=settings.frontend_url, allow_credentials=settings.frontend_url,
+                expose_headers=["X-Request-ID", "Idempotent-Replayed"],
+            ),
+            BodyLimitMiddleware(settings.max_body_bytes),
+            AuthMiddleware(TokenVerifier(settings)),
+            SessionMiddleware(session_factory),
+        ],
+    )
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app)
+
+    app.add_route("/health", health.HealthResource(engine, queue))
+    app.add_route("/api/users/me", users.MeResource())
+    app.add_route("/api/users/credits", users.CreditsResource())
+    app.add_route("/api/users/transactions", users.TransactionsResource())
+    app.add_route("/api/users/initialize", users.InitializeResource())
+    app.add_route("/api/users/upgrade-plan", users.UpgradePlanResource())
+    app.add_route("/api/billing/plans", billing.PlansResource())
+    app.add_route("/api/tasks", tasks.TasksResource())
+    app.add_route("/api/tasks/create", tasks.CreateTaskResource(queue))
+    app.add_route("/api/tasks/stats", tasks.TaskStatsResource())
+    app.add_route("/api/tasks/{task_id}", tasks.TaskResource())
+    app.add_route("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource())
+    app.add_route("/api/tasks/{task_id}/status", tasks.TaskStatusResource(queue))
+    return app
+
+
+def wsgi() -> falcon.App:
+    """gunicorn entry point: `gunicorn 'api.app:wsgi()'`."""
+    settings = Settings.from_env()
+    configure_logging(settings)
+    return create_app(settings)

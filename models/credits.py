@@ -1,0 +1,304 @@
+"""The credits ledger: the only code that changes a balance.
+
+Every change to a bucket goes through `post_entry`, which moves the bucket with a
+conditional UPDATE (no bucket can go below zero, whatever runs concurrently) and appends
+the ledger row with the resulting balance in the same transaction. The ledger is
+append-only; `sum(amount)` per user always equals `users.credits`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
+
+from .base import Base, utcnow
+from .errors import InsufficientCredits, UserNotFound
+from .users import User, lock_user
+
+TRANSACTION_TYPES = (
+    "signup_grant",
+    "monthly_reset",
+    "credit_expiry",
+    "credit_deduction",
+    "credit_refund",
+    "credit_purchase",
+    "plan_upgrade",
+    "admin_adjustment",
+)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Transaction(Base):
+    __tablename__ = "transactions"
+    __table_args__ = (
+        CheckConstraint(_in("type", TRANSACTION_TYPES), name="type_known"),
+        CheckConstraint("bucket IN ('plan', 'purchased', 'both')", name="bucket_known"),
+        CheckConstraint("amount = plan_delta + purchased_delta", name="amount_is_sum_of_deltas"),
+        CheckConstraint("amount <> 0", name="amount_nonzero"),
+        CheckConstraint("balance_after >= 0", name="balance_after_nonnegative"),
+        CheckConstraint("type <> 'credit_deduction' OR (task_id IS NOT NULL AND amount < 0)", name="deduction_names_task"),
+        # A refund names the charge it reverses and mirrors its amount exactly; the
+        # composite foreign key below makes the DB check that charge exists for this task.
+        CheckConstraint(
+            "(type = 'credit_refund') = (refund_of_id IS NOT NULL)"
+            " AND (refund_of_id IS NULL OR (task_id IS NOT NULL AND refund_of_amount < 0"
+            " AND amount = -refund_of_amount))",
+            name="refund_mirrors_charge",
+        ),
+        CheckConstraint(
+            "(period IS NOT NULL) = (type IN ('monthly_reset', 'credit_expiry'))", name="period_for_resets"
+        ),
+        UniqueConstraint("id", "task_id", "amount", name="uq_transactions_id_task_amount"),
+        ForeignKeyConstraint(
+            ["refund_of_id", "task_id", "refund_of_amount"],
+            ["transactions.id", "transactions.task_id", "transactions.amount"],
+            name="fk_transactions_refund_of_charge",
+        ),
+        # Invariant 3: at most one charge per task and at most one refund per charge.
+        Index("uq_transactions_one_charge_per_task", "task_id", unique=True,
+              postgresql_where=text("type = 'credit_deduction'")),
+        Index("uq_transactions_one_refund_per_charge", "refund_of_id", unique=True,
+              postgresql_where=text("refund_of_id IS NOT NULL")),
+        # Invariant 4: a Stripe event moves money at most once per kind of entry.
+        Index("uq_transactions_stripe_event", "stripe_event_id", "type", unique=True,
+              postgresql_where=text("stripe_event_id IS NOT NULL")),
+        # Invariant 5: one reset (and one expiry) per user per period.
+        Index("uq_transactions_user_period", "user_id", "type", "period", unique=True,
+              postgresql_where=text("period IS NOT NULL")),
+        # Keyset pagination, newest first.
+        Index("ix_transactions_user_id_id", "user_id", text("id DESC")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=True), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    amount: Mapped[int] = mapped_column(Integer)
+    plan_delta: Mapped[int] = mapped_column(Integer)
+    purchased_delta: Mapped[int] = mapped_column(Integer)
+    bucket: Mapped[str] = mapped_column(String(16))
+    balance_after: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(32))
+    task_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ai_tasks.id"), index=True)
+    refund_of_id: Mapped[int | None] = mapped_column(BigInteger)
+    refund_of_amount: Mapped[int | None] = mapped_column(Integer)
+    stripe_event_id: Mapped[str | None] = mapped_column(String(255))
+    period: Mapped[date | None] = mapped_column(Date)
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+
+
+def post_entry(
+    session: Session,
+    user_id: uuid.UUID,
+    *,
+    type: str,
+    plan_delta: int = 0,
+    purchased_delta: int = 0,
+    task_id: uuid.UUID | None = None,
+    refund_of: Transaction | None = None,
+    stripe_event_id: str | None = None,
+    period: date | None = None,
+    description: str | None = None,
+) -> Transaction:
+    """Move the user's buckets by the deltas and append the ledger row, atomically.
+
+    The UPDATE only matches while both buckets stay >= 0 after the change; PostgreSQL
+    re-checks that condition on the newest row version after waiting for a concurrent
+    writer, so concurrent spenders can never overdraw. No match means not enough credits.
+    """
+    if plan_delta == 0 and purchased_delta == 0:
+        raise ValueError("a ledger entry must move credits")
+    row = session.execute(
+        update(User)
+        .where(
+            User.id == user_id,
+            User.plan_credits + plan_delta >= 0,
+            User.purchased_credits + purchased_delta >= 0,
+        )
+        .values(
+            plan_credits=User.plan_credits + plan_delta,
+            purchased_credits=User.purchased_credits + purchased_delta,
+        )
+        .returning(User.plan_credits, User.purchased_credits, User.credits)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        if session.get(User, user_id) is None:
+            raise UserNotFound()
+        raise InsufficientCredits()
+    # Keep an already-loaded User in step with the row (the generated column included).
+    user = session.identity_map.get(identity_key(User, user_id))
+    if user is not None:
+        set_committed_value(user, "plan_credits", row.plan_credits)
+        set_committed_value(user, "purchased_credits", row.purchased_credits)
+        set_committed_value(user, "credits", row.credits)
+    entry = Transaction(
+        user_id=user_id,
+        amount=plan_delta + purchased_delta,
+        plan_delta=plan_delta,
+        purchased_delta=purchased_delta,
+        bucket="both" if plan_delta and purchased_delta else ("plan" if plan_delta else "purchased"),
+        balance_after=row.credits,
+        type=type,
+        task_id=task_id,
+        refund_of_id=refund_of.id if refund_of is not None else None,
+        refund_of_amount=refund_of.amount if refund_of is not None else None,
+        stripe_event_id=stripe_event_id,
+        period=period,
+        description=description,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def spend_credits(
+    session: Session, user_id: uuid.UUID, amount: int, *, type: str, task_id: uuid.UUID | None = None,
+    description: str | None = None,
+) -> Transaction:
+    """Take `amount` credits, from the plan bucket first (they expire), then purchased."""
+    if amount <= 0:
+        raise ValueError("amount must be positive")
+    user = lock_user(session, user_id)
+    if user.credits < amount:
+        raise InsufficientCredits()
+    from_plan = min(user.plan_credits, amount)
+    return post_entry(
+        session, user_id, type=type, plan_delta=-from_plan, purchased_delta=-(amount - from_plan),
+        task_id=task_id, description=description,
+    )
+
+
+def reverse_entry(session: Session, charge: Transaction, *, description: str | None = None) -> Transaction:
+    """Refund a charge into the buckets it came from. The DB refuses a second refund."""
+    return post_entry(
+        session, charge.user_id, type="credit_refund", plan_delta=-charge.plan_delta,
+        purchased_delta=-charge.purchased_delta, task_id=charge.task_id, refund_of=charge,
+        description=description,
+    )
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    month_index = moment.month - 1 + months
+    year, month = moment.year + month_index // 12, month_index % 12 + 1
+    day = min(moment.day, calendar.monthrange(year, month)[1])
+    return moment.replace(year=year, month=month, day=day)
+
+
+def grant_signup_credits(session: Session, user: User) -> Transaction | None:
+    from .plans import get_plan
+
+    plan = get_plan(session, user.plan_id)
+    user.credit_reset_at = add_months(utcnow(), 1)
+    if plan.monthly_credits == 0:
+        return None
+    return post_entry(session, user.id, type="signup_grant", plan_delta=plan.monthly_credits,
+                      description=f"Welcome to the {plan.name} plan")
+
+
+def reset_plan_credits(session: Session, user_id: uuid.UUID, now: datetime | None = None) -> bool:
+    """Expire the plan bucket and grant the plan's monthly credits, once per period.
+
+    Runs under the user's row lock and records the period on both ledger rows; the unique
+    (user, type, period) index makes a second reset for the same period impossible even if
+    beat fires twice at once. Returns False when the user's reset is not due yet.
+    """
+    from .plans import get_plan
+
+    now = now or utcnow()
+    user = lock_user(session, user_id)
+    if user.credit_reset_at is None or user.credit_reset_at > now:
+        return False
+    period = user.credit_reset_at.date()
+    plan = get_plan(session, user.plan_id)
+    if user.plan_credits:
+        post_entry(session, user.id, type="credit_expiry", plan_delta=-user.plan_credits, period=period,
+                   description="Unused plan credits expired")
+    if plan.monthly_credits:
+        post_entry(session, user.id, type="monthly_reset", plan_delta=plan.monthly_credits, period=period,
+                   description=f"Monthly credits for the {plan.name} plan")
+    # A user away for several periods gets one reset, and the next one lands in the future.
+    next_reset = user.credit_reset_at
+    while next_reset <= now:
+        next_reset = add_months(next_reset, 1)
+    user.credit_reset_at = next_reset
+    session.flush()
+    return True
+
+
+def users_due_for_reset(session: Session, now: datetime | None = None, limit: int = 500) -> list[uuid.UUID]:
+    return list(session.scalars(
+        select(User.id).where(User.credit_reset_at <= (now or utcnow())).order_by(User.credit_reset_at).limit(limit)
+    ))
+
+
+@dataclass(frozen=True)
+class CreditSummary:
+    credits: int
+    plan_credits: int
+    purchased_credits: int
+    reserved: int
+    available: int
+    next_reset_at: datetime | None
+
+
+def reserved_credits(session: Session, user_id: uuid.UUID) -> int:
+    """Credits promised to the user's pending tasks (they are charged when a worker starts them)."""
+    from .tasks import AiTask
+
+    return session.scalar(
+        select(func.coalesce(func.sum(AiTask.credits_used), 0)).where(
+            AiTask.user_id == user_id, AiTask.status == "pending"
+        )
+    )
+
+
+def credit_summary(session: Session, user: User) -> CreditSummary:
+    reserved = reserved_credits(session, user.id)
+    return CreditSummary(
+        credits=user.credits,
+        plan_credits=user.plan_credits,
+        purchased_credits=user.purchased_credits,
+        reserved=reserved,
+        available=max(0, user.credits - reserved),
+        next_reset_at=user.credit_reset_at,
+    )
+
+
+def list_transactions(
+    session: Session, user_id: uuid.UUID, *, before_id: int | None = None, limit: int = 20
+) -> list[Transaction]:
+    """Newest first, keyset-paginated on the identity column (monotonic per insert order)."""
+    query = select(Transaction).where(Transaction.user_id == user_id)
+    if before_id is not None:
+        query = query.where(Transaction.id < before_id)
+    return list(session.scalars(query.order_by(Transaction.id.desc()).limit(limit)))
+
+
+def ledger_sum(session: Session, user_id: uuid.UUID) -> int:
+    return session.scalar(select(func.coalesce(func.sum(Transaction.amount), 0)).where(Transaction.user_id == user_id))

@@ -1,0 +1,53 @@
+"""Task leases: a PostgreSQL advisory lock held by whoever is running a task.
+
+The lock lives on a dedicated connection for as long as the processor runs. If the
+worker process dies (SIGKILL, OOM), its connection closes and PostgreSQL releases the
+lock, so a redelivered message can take the lease and knows the earlier runner is gone;
+while the runner lives, a duplicate delivery cannot take it and drops the message. The
+stuck-task reaper uses the same test before failing a task.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+
+_KEY = "hashtextextended(:task_id, 0)"
+
+
+def _try_lock(conn: Connection, task_id: uuid.UUID) -> bool:
+    return bool(conn.execute(text(f"SELECT pg_try_advisory_lock({_KEY})"), {"task_id": str(task_id)}).scalar())
+
+
+@contextmanager
+def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) -> Iterator[Connection | None]:
+    """Yield a connection holding the task's lease, or None if a live runner holds it.
+
+    `wait_seconds` covers a killed runner whose server session has not ended yet.
+    """
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        deadline = time.monotonic() + wait_seconds
+        held = _try_lock(conn, task_id)
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.1)
+            held = _try_lock(conn, task_id)
+        if not held:
+            yield None
+            return
+        try:
+            yield conn
+        finally:
+            conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
+    finally:
+        conn.close()
+
+
+def lease_is_free(engine: Engine, task_id: uuid.UUID) -> bool:
+    with task_lease(engine, task_id) as conn:
+        return conn is not None

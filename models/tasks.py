@@ -1,0 +1,390 @@
+"""AI tasks and their lifecycle: submit, start (charge), complete, fail (refund), cancel.
+
+pending ──start──▶ processing ──▶ completed | failed (+refund) | cancelled (+refund)
+pending ──▶ cancelled | failed (never charged)
+
+Every transition locks the task row first, so a cancel racing a completion, or two
+deliveries of one message, are serialized and exactly one of them acts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, and_, func, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from .base import Base, utcnow
+from .credits import Transaction, reverse_entry, spend_credits
+from .errors import (
+    IdempotencyKeyReused,
+    InsufficientCredits,
+    InvalidInput,
+    InvalidTransition,
+    PlanDoesNotAllow,
+    TaskAlreadyFinal,
+    TaskNotFound,
+    TooManyTasksInFlight,
+)
+from .plans import TASK_TYPES, get_plan, task_cost
+from .users import User, lock_user
+
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+IN_FLIGHT = ("pending", "processing")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class AiTask(Base):
+    __tablename__ = "ai_tasks"
+    __table_args__ = (
+        CheckConstraint(_in("type", TASK_TYPES), name="type_known"),
+        CheckConstraint(_in("status", STATUSES), name="status_known"),
+        CheckConstraint("credits_used > 0", name="credits_used_positive"),
+        CheckConstraint("progress BETWEEN 0 AND 100", name="progress_range"),
+        CheckConstraint("attempt >= 0", name="attempt_nonnegative"),
+        Index("uq_ai_tasks_user_idempotency_key", "user_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL")),
+        # Keyset pages for the list route, with and without its filters.
+        Index("ix_ai_tasks_user_created", "user_id", text("created_at DESC"), text("id DESC")),
+        Index("ix_ai_tasks_user_status_created", "user_id", "status", text("created_at DESC"), text("id DESC")),
+        Index("ix_ai_tasks_user_type_created", "user_id", "type", text("created_at DESC"), text("id DESC")),
+        # Admission (in-flight count, reserved credits) and the beat sweeps only look here.
+        Index("ix_ai_tasks_in_flight", "status", "created_at",
+              postgresql_where=text("status IN ('pending', 'processing')")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    input: Mapped[Any] = mapped_column(JSONB)
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    credits_used: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    queue: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+def queue_for(task_type: str) -> str:
+    """One queue per task type, named after it (celeryconfig routes by the same names)."""
+    return task_type
+
+
+def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> str:
+    canonical = json.dumps({"type": task_type, "input": input, "params": params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None = None) -> AiTask | None:
+    query = select(AiTask).where(AiTask.id == task_id).with_for_update().execution_options(populate_existing=True)
+    if user_id is not None:
+        query = query.where(AiTask.user_id == user_id)
+    return session.scalar(query)
+
+
+def submit_task(
+    session: Session,
+    user: User,
+    task_type: str,
+    input: Any,
+    params: dict[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+    validate=None,
+) -> tuple[AiTask, bool]:
+    """Admit a task: plan allows the type, in-flight under the limit, available credits cover it.
+
+    Runs with the user's row locked, so concurrent submissions see each other's pending
+    reservations and an Idempotency-Key retried at once finds the first row. Returns
+    (task, created); nothing is charged here, the worker charges when it starts.
+    """
+    params = params or {}
+    if task_type not in TASK_TYPES:
+        raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
+    if not isinstance(params, dict):
+        raise InvalidInput("params must be an object", code="invalid_params")
+    cost = task_cost(task_type, params)
+    if validate is not None:
+        validate(task_type, input, params)
+    fingerprint = request_fingerprint(task_type, input, params)
+
+    user = lock_user(session, user.id)
+    if idempotency_key is not None:
+        existing = session.scalar(
+            select(AiTask).where(AiTask.user_id == user.id, AiTask.idempotency_key == idempotency_key)
+        )
+        if existing is not None:
+            if existing.request_hash != fingerprint:
+                raise IdempotencyKeyReused()
+            return existing, False
+
+    plan = get_plan(session, user.plan_id)
+    if not plan.allows(task_type):
+        raise PlanDoesNotAllow(f"The {plan.name} plan does not include {task_type}")
+    in_flight, reserved = session.execute(
+        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
+        .where(AiTask.user_id == user.id, AiTask.status.in_(IN_FLIGHT))
+    ).one()
+    if in_flight >= plan.max_concurrent_tasks:
+        raise TooManyTasksInFlight(
+            f"Your plan allows {plan.max_concurrent_tasks} tasks in flight; wait for one to finish"
+        )
+    available = user.credits - reserved
+    if available < cost:
+        raise InsufficientCredits(f"This task costs {cost} credits; you have {max(available, 0)} available")
+
+    task = AiTask(
+        user_id=user.id, type=task_type, status="pending", input=input, params=params, credits_used=cost,
+        queue=queue_for(task_type), idempotency_key=idempotency_key, request_hash=fingerprint,
+        created_at=utcnow(),
+    )
+    session.add(task)
+    session.flush()
+    return task, True
+
+
+def mark_enqueued(session: Session, task_id: uuid.UUID) -> None:
+    session.execute(
+        AiTask.__table__.update().where(AiTask.id == task_id).values(enqueued_at=utcnow())
+    )
+
+
+@dataclass(frozen=True)
+class TaskWork:
+    """What a worker needs to run a task once it holds it (no ORM object crosses sessions)."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    type: str
+    input: Any
+    params: dict[str, Any]
+    attempt: int
+
+
+def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False) -> TaskWork | None:
+    """Charge and move a pending task to processing; or resume one whose runner died.
+
+    Returns None when the message is stale: the task is gone, final, or processing under
+    another live runner (a duplicate delivery). `may_resume` is True only when the caller
+    holds the task's lease, which proves the earlier runner is dead; resuming never
+    charges again (and the unique charge index would refuse it anyway).
+    """
+    task = _lock_task(session, task_id)
+    if task is None:
+        return None
+    if task.status == "pending":
+        try:
+            with session.begin_nested():
+                spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
+                              description=f"{task.type} task")
+        except InsufficientCredits:
+            task.status, task.error_code = "failed", "insufficient_credits"
+            task.error = f"Not enough credits: this task costs {task.credits_used}"
+            task.completed_at = utcnow()
+            session.flush()
+            return None
+        task.status, task.started_at = "processing", utcnow()
+    elif not (task.status == "processing" and may_resume):
+        return None
+    task.attempt += 1
+    session.flush()
+    return TaskWork(task.id, task.user_id, task.type, task.input, dict(task.params or {}), task.attempt)
+
+
+def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:
+    """Store progress while processing; return the task's current status (for cancellation)."""
+    progress = max(0, min(100, int(progress)))
+    status = session.execute(
+        AiTask.__table__.update()
+        .where(AiTask.id == task_id, AiTask.status == "processing")
+        .values(progress=progress)
+        .returning(AiTask.status)
+    ).scalar_one_or_none()
+    if status is None:
+        status = session.scalar(select(AiTask.status).where(AiTask.id == task_id))
+    return status
+
+
+def task_status(session: Session, task_id: uuid.UUID) -> str | None:
+    return session.scalar(select(AiTask.status).where(AiTask.id == task_id))
+
+
+def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) -> bool:
+    """Store the output if the task is still processing; False means drop the result."""
+    task = _lock_task(session, task_id)
+    if task is None or task.status != "processing":
+        return False
+    task.status, task.output, task.progress, task.completed_at = "completed", output, 100, utcnow()
+    task.error = task.error_code = None
+    session.flush()
+    return True
+
+
+def refund_task(session: Session, task: AiTask, reason: str) -> Transaction | None:
+    """Refund the task's charge, if it was charged and not refunded yet."""
+    charge = session.scalar(
+        select(Transaction).where(Transaction.task_id == task.id, Transaction.type == "credit_deduction")
+    )
+    if charge is None:
+        return None
+    already = session.scalar(select(Transaction.id).where(Transaction.refund_of_id == charge.id))
+    if already is not None:
+        return None
+    return reverse_entry(session, charge, description=reason)
+
+
+def fail_task(session: Session, task_id: uuid.UUID, message: str, code: str = "processing_failed") -> bool:
+    """Fail a pending or processing task and refund what it was charged."""
+    task = _lock_task(session, task_id)
+    if task is None or task.is_final:
+        return False
+    task.status, task.error, task.error_code, task.completed_at = "failed", message[:2000], code, utcnow()
+    refund_task(session, task, f"Refund: {task.type} task failed")
+    session.flush()
+    return True
+
+
+def cancel_task(session: Session, user: User, task_id: uuid.UUID) -> AiTask:
+    """Cancel the user's task; refund it if a worker already charged it."""
+    task = _lock_task(session, task_id, user.id)
+    if task is None:
+        raise TaskNotFound()
+    if task.is_final:
+        raise TaskAlreadyFinal(f"The task is already {task.status}")
+    task.status, task.completed_at = "cancelled", utcnow()
+    task.error_code, task.error = "cancelled", "Cancelled by the user"
+    refund_task(session, task, f"Refund: {task.type} task cancelled")
+    session.flush()
+    return task
+
+
+ADMIN_STATUSES = ("failed", "pending")
+
+
+def admin_set_status(session: Session, task_id: uuid.UUID, status: str, message: str | None = None) -> AiTask:
+    """Operators may fail a task (which refunds) or re-queue a pending one. Nothing else:
+    marking unpaid work completed, or reviving a final task, is not an operator's shortcut."""
+    if status not in ADMIN_STATUSES:
+        raise InvalidTransition(f"Operators may set status to {' or '.join(ADMIN_STATUSES)} only")
+    task = _lock_task(session, task_id)
+    if task is None:
+        raise TaskNotFound()
+    if status == "failed":
+        if task.is_final:
+            raise TaskAlreadyFinal(f"The task is already {task.status}")
+        fail_task(session, task_id, message or "Failed by an operator", code="failed_by_operator")
+    elif task.status != "pending":
+        raise InvalidTransition("Only a pending task can be re-queued")
+    session.refresh(task)
+    return task
+
+
+def get_task(session: Session, user: User, task_id: uuid.UUID) -> AiTask:
+    """The user's own task; another user's is indistinguishable from a missing one (404)."""
+    task = session.scalar(select(AiTask).where(AiTask.id == task_id, AiTask.user_id == user.id))
+    if task is None:
+        raise TaskNotFound()
+    return task
+
+
+def encode_cursor(task: AiTask) -> str:
+    raw = f"{task.created_at.isoformat()}|{task.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, task_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), uuid.UUID(task_id)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("cursor is not valid", code="invalid_cursor") from None
+
+
+def list_tasks(
+    session: Session, user: User, *, status: str | None = None, task_type: str | None = None,
+    cursor: str | None = None, limit: int = 20,
+) -> tuple[list[AiTask], str | None]:
+    """Newest first; keyset on (created_at, id), served by the (user, [filter,] created_at, id) indexes."""
+    if status is not None and status not in STATUSES:
+        raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
+    query = select(AiTask).where(AiTask.user_id == user.id)
+    if status:
+        query = query.where(AiTask.status == status)
+    if task_type:
+        query = query.where(AiTask.type == task_type)
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        query = query.where(or_(AiTask.created_at < created, and_(AiTask.created_at == created, AiTask.id < last_id)))
+    rows = list(session.scalars(query.order_by(AiTask.created_at.desc(), AiTask.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def task_stats(session: Session, user: User) -> dict[str, Any]:
+    by_status = dict(session.execute(
+        select(AiTask.status, func.count()).where(AiTask.user_id == user.id).group_by(AiTask.status)
+    ).all())
+    by_type = dict(session.execute(
+        select(AiTask.type, func.count()).where(AiTask.user_id == user.id).group_by(AiTask.type)
+    ).all())
+    spent, refunded = session.execute(
+        select(
+            func.coalesce(-func.sum(Transaction.amount).filter(Transaction.type == "credit_deduction"), 0),
+            func.coalesce(func.sum(Transaction.amount).filter(Transaction.type == "credit_refund"), 0),
+        ).where(Transaction.user_id == user.id)
+    ).one()
+    return {
+        "total": sum(by_status.values()),
+        "byStatus": {s: by_status.get(s, 0) for s in STATUSES},
+        "byType": {t: by_type.get(t, 0) for t in TASK_TYPES},
+        "creditsSpent": int(spent),
+        "creditsRefunded": int(refunded),
+        "netCreditsSpent": int(spent) - int(refunded),
+    }
+
+
+def lost_pending_tasks(session: Session, older_than: timedelta, limit: int = 500) -> list[AiTask]:
+    """Pending tasks whose message should long have been picked up (broker lost it, or the
+    enqueue after commit failed)."""
+    cutoff = utcnow() - older_than
+    return list(session.scalars(
+        select(AiTask).where(AiTask.status == "pending", func.coalesce(AiTask.enqueued_at, AiTask.created_at) < cutoff)
+        .order_by(AiTask.created_at).limit(limit)
+    ))
+
+
+def stuck_processing_tasks(session: Session, older_than: dict[str, timedelta], limit: int = 500) -> list[uuid.UUID]:
+    now = utcnow()
+    conditions = [and_(AiTask.type == t, AiTask.started_at < now - age) for t, age in older_than.items()]
+    if not conditions:
+        return []
+    return list(session.scalars(
+        select(AiTask.id).where(AiTask.status == "processing", or_(*conditions)).order_by(AiTask.started_at).limit(limit)
+    ))

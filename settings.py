@@ -1,0 +1,151 @@
+"""One settings object, read from the environment once and passed down.
+
+`Settings.from_env()` is called at each process's edge (gunicorn app factory, Celery
+app, `make run`); everything else receives the object. Outside development it refuses
+insecure defaults and names the variable that is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEV_JWT_SECRET = "studiox-dev-secret-not-for-production-use"
+ENVIRONMENTS = ("development", "test", "production")
+
+
+class ConfigError(RuntimeError):
+    """The environment does not describe a runnable service."""
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (value or "").split(",") if part.strip())
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Accept the usual `postgres://` / `postgresql://` forms and pick psycopg 3."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str = "development"
+    database_url: str = ""
+    broker_url: str = ""
+    port: int = 8000
+    flower_port: int = 5555
+    flower_basic_auth: str = ""
+    jwt_secret: str = ""
+    jwt_jwks_url: str = ""
+    jwt_public_key: str = ""
+    jwt_issuer: str = ""
+    jwt_authorized_parties: tuple[str, ...] = ()
+    jwt_admin_claim: str = "role=admin"
+    jwt_leeway_seconds: int = 30
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""
+    frontend_url: str = "http://localhost:3000"
+    media_root: Path = Path("var/media")
+    log_format: str = "text"
+    max_body_bytes: int = 1_048_576
+    max_upload_bytes: int = 50 * 1_048_576
+    max_image_pixels: int = 64_000_000
+    fetch_timeout_seconds: float = 15.0
+    fetch_max_bytes: int = 50 * 1_048_576
+    fetch_allow_private: bool = False
+    fetch_allowed_hosts: tuple[str, ...] = ()
+    lost_message_after_seconds: int = 300
+
+    @property
+    def is_development(self) -> bool:
+        return self.environment in ("development", "test")
+
+    @property
+    def billing_configured(self) -> bool:
+        return bool(self.stripe_secret_key and self.stripe_webhook_secret)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+        if env is None:
+            if dotenv:
+                from dotenv import load_dotenv
+
+                # Real environment variables win over `.env`.
+                load_dotenv(os.environ.get("STUDIOX_DOTENV", ".env"), override=False)
+            env = dict(os.environ)
+        environment = env.get("APP_ENV", "development").strip().lower()
+        if environment not in ENVIRONMENTS:
+            raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {environment!r}")
+        redis_url = env.get("REDIS_URL", "")
+        settings = cls(
+            environment=environment,
+            database_url=sqlalchemy_url(env.get("DATABASE_URL", "")),
+            broker_url=env.get("BROKER_URL") or redis_url,
+            port=_int(env, "PORT", 8000),
+            flower_port=_int(env, "FLOWER_PORT", 5555),
+            flower_basic_auth=env.get("FLOWER_BASIC_AUTH", ""),
+            jwt_secret=env.get("JWT_SECRET", "") or (DEV_JWT_SECRET if environment != "production" else ""),
+            jwt_jwks_url=env.get("JWT_JWKS_URL", ""),
+            jwt_public_key=env.get("JWT_PUBLIC_KEY", "").replace("\\n", "\n"),
+            jwt_issuer=env.get("JWT_ISSUER", ""),
+            jwt_authorized_parties=_split(env.get("JWT_AUTHORIZED_PARTIES")),
+            jwt_admin_claim=env.get("JWT_ADMIN_CLAIM", "role=admin"),
+            jwt_leeway_seconds=_int(env, "JWT_LEEWAY_SECONDS", 30),
+            stripe_secret_key=env.get("STRIPE_SECRET_KEY", ""),
+            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            stripe_api_base=env.get("STRIPE_API_BASE", ""),
+            frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
+            media_root=Path(env.get("MEDIA_ROOT", "var/media")),
+            log_format=env.get("LOG_FORMAT", "text"),
+            max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576),
+            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 50 * 1_048_576),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 64_000_000),
+            fetch_timeout_seconds=float(env.get("FETCH_TIMEOUT_SECONDS") or 15),
+            fetch_max_bytes=_int(env, "FETCH_MAX_BYTES", 50 * 1_048_576),
+            fetch_allow_private=_bool(env, "FETCH_ALLOW_PRIVATE", False),
+            fetch_allowed_hosts=_split(env.get("FETCH_ALLOWED_HOSTS")),
+            lost_message_after_seconds=_int(env, "LOST_MESSAGE_AFTER_SECONDS", 300),
+        )
+        settings.check()
+        return settings
+
+    def with_(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+    def check(self) -> None:
+        """Refuse to run outside development with what would be unsafe or half-configured."""
+        missing = [name for name, value in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.broker_url)) if not value]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} must be set")
+        if self.is_development:
+            return
+        if self.jwt_secret == DEV_JWT_SECRET:
+            raise ConfigError("JWT_SECRET is the development secret; set a real one or use JWT_JWKS_URL / JWT_PUBLIC_KEY")
+        if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key):
+            raise ConfigError("JWT_JWKS_URL or JWT_PUBLIC_KEY must be set outside development")
+        if self.stripe_secret_key and not self.stripe_webhook_secret:
+            raise ConfigError("STRIPE_WEBHOOK_SECRET must be set when STRIPE_SECRET_KEY is")
+        if self.stripe_webhook_secret and not self.stripe_secret_key:
+            raise ConfigError("STRIPE_SECRET_KEY must be set when STRIPE_WEBHOOK_SECRET is")

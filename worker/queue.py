@@ -1,0 +1,35 @@
+"""The Celery app factory and the enqueue interface the API uses.
+
+The API sends by task name through this app object and never imports the task modules
+or the processors behind them.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import Celery
+
+from settings import Settings
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("studiox", broker=settings.broker_url, set_as_current=False)
+    app.config_from_object("celeryconfig")
+    return app
+
+
+class TaskQueue:
+    """Publishes task messages; one message names one committed `ai_tasks` row."""
+
+    def __init__(self, celery: Celery):
+        self.celery = celery
+
+    def send(self, task_type: str, task_id: uuid.UUID) -> None:
+        # Routing by name (celeryconfig.task_routes) picks the type's queue.
+        self.celery.send_task(f"tasks.{task_type}", args=[str(task_id)])
+
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raise if the broker cannot be reached."""
+        with self.celery.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
