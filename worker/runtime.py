@@ -1,0 +1,45 @@
+"""Per-process resources of a worker: settings, engine, sessions, storage.
+
+Created on first use and dropped after fork (worker_process_init), so each pool child
+has its own connections.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.db import create_engine, make_session_factory
+from settings import Settings
+from storage import LocalStorage
+
+
+@cache
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@cache
+def engine() -> Engine:
+    # Each child runs one task at a time: the session, the lease and a progress write.
+    return create_engine(settings().database_url, pool_size=3, max_overflow=5)
+
+
+@cache
+def sessions() -> sessionmaker[Session]:
+    return make_session_factory(engine())
+
+
+@cache
+def storage() -> LocalStorage:
+    return LocalStorage(settings().media_root)
+
+
+def reset() -> None:
+    if engine.cache_info().currsize:
+        # Forget the parent's pooled connections without closing them under its feet.
+        engine().dispose(close=False)
+    for fn in (engine, sessions, storage):
+        fn.cache_clear()

@@ -1,0 +1,138 @@
+"""The AI task messages: one Celery task per type (routed to its own queue), all thin.
+
+A message carries only the task id. The flow and every money decision live in
+`models.tasks`; this module holds the lease, resolves inputs, runs the processor and
+reports back.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from models.db import session_scope
+from models.leases import task_lease
+from models.tasks import TaskWork, complete_task, fail_task, report_progress, start_task, task_status
+
+from . import runtime
+from .app import app
+from .inputs import resolve_inputs
+from .processors import Cancelled, PermanentError, ProcessContext, TransientError, get_processor, parse_overrides
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3
+# A killed runner's database session ends within milliseconds of its process; waiting
+# this long for its lease tells a redelivery from a live duplicate.
+LEASE_WAIT_SECONDS = 3.0
+
+
+class _Progress:
+    """Throttled progress writes that also notice cancellation."""
+
+    def __init__(self, task_id: uuid.UUID, min_interval: float = 0.5):
+        self.task_id, self.min_interval = task_id, min_interval
+        self._last_write, self._last_value, self._cancelled = 0.0, -1, False
+        self._last_check = 0.0
+
+    def __call__(self, value: int) -> None:
+        now = time.monotonic()
+        value = int(value)
+        if value == self._last_value or (now - self._last_write < self.min_interval and value < 100):
+            return
+        with session_scope(runtime.sessions()) as session:
+            status = report_progress(session, self.task_id, value)
+        self._last_write, self._last_value, self._last_check = now, value, now
+        self._cancelled = status != "processing"
+
+    def is_cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_check >= self.min_interval:
+            with session_scope(runtime.sessions()) as session:
+                self._cancelled = task_status(session, self.task_id) != "processing"
+            self._last_check = now
+        return self._cancelled
+
+
+def _fail(task_id: uuid.UUID, message: str, code: str) -> None:
+    with session_scope(runtime.sessions()) as session:
+        fail_task(session, task_id, message, code)
+
+
+def _process(work: TaskWork) -> dict:
+    settings = runtime.settings()
+    progress = _Progress(work.id)
+    workdir = Path(tempfile.mkdtemp(prefix=f"task-{work.id}-"))
+    try:
+        with session_scope(runtime.sessions()) as session:
+            inputs = resolve_inputs(session, work.user_id, work.type, work.input, storage=runtime.storage(),
+                                    settings=settings, workdir=workdir)
+        ctx = ProcessContext(progress=progress, is_cancelled=progress.is_cancelled, storage=runtime.storage(),
+                             task_id=str(work.id), settings=settings, workdir=workdir)
+        processor = get_processor(work.type, parse_overrides(settings.processor_overrides))
+        return processor(inputs, work.params, ctx)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_ai_task(celery_task, task_id: str) -> str:
+    try:
+        tid = uuid.UUID(task_id)
+    except ValueError:
+        log.warning("dropping a message with a malformed task id %r", task_id)
+        return "dropped"
+    with task_lease(runtime.engine(), tid, wait_seconds=LEASE_WAIT_SECONDS) as lease:
+        if lease is None:
+            log.info("task %s is running elsewhere; duplicate message dropped", tid)
+            return "duplicate"
+        with session_scope(runtime.sessions()) as session:
+            work = start_task(session, tid, may_resume=True)
+        if work is None:
+            return "stale"
+        try:
+            output = _process(work)
+        except Cancelled:
+            return "cancelled"
+        except TransientError as exc:
+            if celery_task.request.retries < MAX_RETRIES:
+                # Retry with backoff; the lease is released before the retry can arrive.
+                raise celery_task.retry(exc=exc, countdown=2 ** celery_task.request.retries, max_retries=MAX_RETRIES)
+            _fail(tid, exc.message, exc.code)
+            return "failed"
+        except PermanentError as exc:
+            _fail(tid, exc.message, exc.code)
+            return "failed"
+        except SoftTimeLimitExceeded:
+            _fail(tid, "The task took longer than its time limit", "time_limit_exceeded")
+            return "failed"
+        except Exception:
+            log.exception("task %s failed", tid)
+            _fail(tid, "Processing failed unexpectedly", "processing_failed")
+            return "failed"
+        with session_scope(runtime.sessions()) as session:
+            completed = complete_task(session, tid, output)
+        return "completed" if completed else "cancelled"
+
+
+_OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+
+
+@app.task(name="tasks.image_analysis", **_OPTIONS)
+def image_analysis(self, task_id: str) -> str:
+    return run_ai_task(self, task_id)
+
+
+@app.task(name="tasks.advanced_editing", **_OPTIONS)
+def advanced_editing(self, task_id: str) -> str:
+    return run_ai_task(self, task_id)
+
+
+@app.task(name="tasks.video_generation", **_OPTIONS)
+def video_generation(self, task_id: str) -> str:
+    return run_ai_task(self, task_id)
