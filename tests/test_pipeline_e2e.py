@@ -152,6 +152,23 @@ def private_broker(e2e_settings, e2e_engine, e2e_db):
     return settings, client
 
 
+class TestAdmissionUnderConcurrency:
+    def test_twenty_simultaneous_submissions_never_promise_more_than_the_balance(self, customer, private_broker, e2e_db):
+        # Nobody consumes this broker, so every accepted task stays pending and reserved.
+        c = customer(plan="enterprise", credits=10, client=private_broker[1])
+        barrier = threading.Barrier(20)
+
+        def send(i):
+            barrier.wait()
+            return c.submit(sleep=0, nonce=i).status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(send, range(20)))
+        assert codes.count(201) == 10 and codes.count(402) == 10
+        credits = c.client.simulate_get("/api/users/credits", headers=c.headers).json
+        assert credits["reserved"] == 10 and credits["available"] == 0
+
+
 class TestWorkerKilledMidTask:
     def test_sigkilled_child_redelivers_and_charges_once(self, customer, e2e_db, private_broker, tmp_path):
         settings, client = private_broker
