@@ -33,6 +33,16 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw in (None, ""):
@@ -124,7 +134,7 @@ class Settings:
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 50 * 1_048_576),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 64_000_000),
-            fetch_timeout_seconds=float(env.get("FETCH_TIMEOUT_SECONDS") or 15),
+            fetch_timeout_seconds=_float(env, "FETCH_TIMEOUT_SECONDS", 15.0),
             fetch_max_bytes=_int(env, "FETCH_MAX_BYTES", 50 * 1_048_576),
             fetch_allow_private=_bool(env, "FETCH_ALLOW_PRIVATE", False),
             fetch_allowed_hosts=_split(env.get("FETCH_ALLOWED_HOSTS")),

@@ -7,6 +7,9 @@ public key is refused because HS256 is only allowed with JWT_SECRET.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +17,8 @@ import falcon
 import jwt
 
 from settings import Settings
+
+log = logging.getLogger("studiox.auth")
 
 RSA_ALGORITHMS = ["RS256"]
 HMAC_ALGORITHMS = ["HS256"]
@@ -31,23 +36,82 @@ def _unauthorized(message: str, code: str = "invalid_token") -> falcon.HTTPUnaut
                                    headers={"WWW-Authenticate": "Bearer"})
 
 
+class KeysUnavailable(Exception):
+    """The JWKS endpoint could not be read (down, or not a usable key set)."""
+
+
+class JwksKeys:
+    """The issuer's signing keys by `kid`, fetched from its JWKS URL and kept `lifespan` seconds.
+
+    A token naming a `kid` we do not hold (the issuer rotated its keys) forces one refetch,
+    and the fetched set replaces the old one, so a retired key stops being accepted. Forced
+    refetches are at most one per `refetch_cooldown`: otherwise tokens with made-up kids
+    would make every request wait on the issuer (the lock serializes fetches).
+    """
+
+    def __init__(self, url: str, *, lifespan: float = 300.0, refetch_cooldown: float = 30.0, timeout: float = 5.0):
+        self._client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout)
+        self.lifespan, self.refetch_cooldown = lifespan, refetch_cooldown
+        self._lock = threading.Lock()
+        self._keys: dict[str, Any] = {}
+        self._fetched_at: float | None = None
+        self._forced_at: float | None = None
+
+    def _fetch(self) -> None:
+        try:
+            keys = self._client.get_signing_keys()
+        except jwt.PyJWTError as exc:
+            raise KeysUnavailable(str(exc)) from None
+        self._keys = {key.key_id: key.key for key in keys}
+        self._fetched_at = time.monotonic()
+
+    def _refresh(self, now: float) -> None:
+        try:
+            self._fetch()
+        except KeysUnavailable:
+            if not self._keys:
+                raise
+            # Keep verifying with the keys we hold through an issuer outage; retry after the cooldown.
+            log.warning("JWKS refresh failed; keeping the cached keys", exc_info=True)
+            self._fetched_at = now - self.lifespan + self.refetch_cooldown
+
+    def key_for(self, kid: str) -> Any | None:
+        """The key for `kid`, or None when the issuer does not publish it. Raises
+        KeysUnavailable only when no key set could ever be read."""
+        with self._lock:
+            now = time.monotonic()
+            if self._fetched_at is None or now - self._fetched_at >= self.lifespan:
+                self._refresh(now)
+            elif kid not in self._keys and (self._forced_at is None or now - self._forced_at >= self.refetch_cooldown):
+                self._forced_at = now
+                self._refresh(now)
+            return self._keys.get(kid)
+
+
 class TokenVerifier:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._jwks = (
-            # Keys are cached; an unknown `kid` (key rotation) triggers one refetch.
-            jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=3600, timeout=5)
-            if settings.jwt_jwks_url else None
-        )
+        self._jwks = JwksKeys(settings.jwt_jwks_url) if settings.jwt_jwks_url else None
         self._admin_path, _, self._admin_value = settings.jwt_admin_claim.partition("=")
 
     def _key_and_algorithms(self, token: str, header: dict[str, Any]):
         alg = header.get("alg")
         if alg in RSA_ALGORITHMS and self._jwks is not None:
+            kid = header.get("kid")
+            if not isinstance(kid, str) or not kid:
+                raise _unauthorized("Token names no signing key (kid)")
             try:
-                return self._jwks.get_signing_key_from_jwt(token).key, RSA_ALGORITHMS
-            except jwt.PyJWKClientError as exc:
-                raise _unauthorized(f"Signing key not found: {exc}") from None
+                key = self._jwks.key_for(kid)
+            except KeysUnavailable as exc:
+                # Not the caller's fault: a 401 would sign out every user while the issuer is down.
+                log.error("cannot read the JWKS: %s", exc)
+                raise falcon.HTTPServiceUnavailable(
+                    title="Service Unavailable", description="Token keys are unavailable; try again shortly",
+                    code="auth_unavailable",
+                ) from None
+            if key is None:
+                raise _unauthorized(f"Signing key {kid!r} not found")
+            return key, RSA_ALGORITHMS
         if alg in RSA_ALGORITHMS and self.settings.jwt_public_key:
             return self.settings.jwt_public_key, RSA_ALGORITHMS
         if alg in HMAC_ALGORITHMS and self.settings.jwt_secret:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import uuid
 
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("studiox.api")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
+_CHUNK = 64 * 1024
+_SPOOL_IN_MEMORY = 1_048_576  # larger chunked bodies (uploads) go to a temporary file
 
 
 class RequestIdMiddleware:
@@ -18,7 +21,7 @@ class RequestIdMiddleware:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         given = req.get_header("X-Request-ID") or ""
-        req.context.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        req.context.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         resp.set_header("X-Request-ID", getattr(req.context, "request_id", "") or uuid.uuid4().hex)
@@ -51,20 +54,52 @@ def _too_large() -> falcon.HTTPContentTooLarge:
                                       code="payload_too_large")
 
 
+def _spool_capped(stream, limit: int):
+    """The whole body of unknown length in a temporary file, refusing more than `limit` bytes."""
+    capped, spool = _CappedStream(stream, limit), tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)
+    try:
+        while chunk := capped.read(_CHUNK):
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    size = spool.tell()
+    spool.seek(0)
+    return spool, size
+
+
 class BodyLimitMiddleware:
-    """Refuses bodies over the limit; a resource may raise its own (`max_body_bytes`)."""
+    """Refuses bodies over the limit; a resource may raise its own (`max_body_bytes`).
+
+    A chunked body has no Content-Length, and Falcon's bounded stream (what `get_media`
+    and the multipart parser read) reads nothing without one, so such a body would be
+    silently taken as empty. It is read here instead, capped at the limit, and handed on
+    with its length as if the client had sent one.
+    """
 
     def __init__(self, default_limit: int):
         self.default_limit = default_limit
 
     def process_resource(self, req: falcon.Request, resp, resource, params) -> None:
+        if resource is None:
+            return
         limit = getattr(resource, "max_body_bytes", None) or self.default_limit
         length = req.content_length
         if length is not None:
             if length > limit:
                 raise _too_large()
+        elif "chunked" in (req.get_header("Transfer-Encoding") or "").lower():
+            body, size = _spool_capped(req.env["wsgi.input"], limit)
+            req.context.spooled_body = body  # closed by process_response
+            req.env["wsgi.input"] = req.stream = body
+            req.env["CONTENT_LENGTH"] = str(size)
         elif req.method in ("POST", "PUT", "PATCH"):
             req.stream = _CappedStream(req.stream, limit)
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        body = req.context.get("spooled_body")
+        if body is not None:
+            body.close()
 
 
 class SessionMiddleware:

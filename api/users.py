@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import falcon
 
 from models.credits import credit_summary, list_transactions
@@ -10,6 +12,9 @@ from models.users import initialize_user
 
 from .context import current_user, json_body, limit_param
 from .serialize import credits_json, transaction_json, user_json
+
+_CURSOR = re.compile(r"[0-9]{1,19}")
+_MAX_ID = 2**63 - 1
 
 
 class MeResource:
@@ -28,7 +33,9 @@ class TransactionsResource:
         cursor = req.get_param("cursor")
         before = None
         if cursor:
-            if not cursor.isdigit():
+            # ASCII digits only (str.isdigit also takes "²", which int() refuses), and within
+            # the BIGINT id column so the query cannot fail with "out of range".
+            if not _CURSOR.fullmatch(cursor) or int(cursor) > _MAX_ID:
                 raise InvalidInput("cursor is not valid", code="invalid_cursor")
             before = int(cursor)
         limit = limit_param(req)

@@ -1,0 +1,102 @@
+"""Settings.from_env: safe development defaults, refusals outside development."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from settings import DEV_JWT_SECRET, ConfigError, Settings, sqlalchemy_url
+
+BASE = {"DATABASE_URL": "postgresql://app:pw@db.internal:5432/studiox", "REDIS_URL": "redis://cache.internal:6379/0"}
+PRODUCTION = {**BASE, "APP_ENV": "production", "JWT_JWKS_URL": "https://clerk.example.com/.well-known/jwks.json"}
+
+
+def from_env(**env: str) -> Settings:
+    return Settings.from_env(env, dotenv=False)
+
+
+class TestProductionRefusesInsecureConfig:
+    def test_development_jwt_secret_is_refused_naming_the_variable(self):
+        with pytest.raises(ConfigError, match="JWT_SECRET"):
+            from_env(**{**BASE, "APP_ENV": "production", "JWT_SECRET": DEV_JWT_SECRET})
+
+    def test_development_jwt_secret_is_refused_even_beside_a_jwks_url(self):
+        with pytest.raises(ConfigError, match="JWT_SECRET"):
+            from_env(**{**PRODUCTION, "JWT_SECRET": DEV_JWT_SECRET})
+
+    def test_no_jwt_configuration_is_refused_naming_the_variables(self):
+        with pytest.raises(ConfigError, match="JWT_JWKS_URL") as caught:
+            from_env(**{**BASE, "APP_ENV": "production"})
+        assert "JWT_PUBLIC_KEY" in str(caught.value)
+
+    def test_production_never_falls_back_to_the_development_secret(self):
+        settings = from_env(**PRODUCTION)
+        assert settings.jwt_secret == ""
+
+    def test_stripe_secret_key_without_webhook_secret_is_refused(self):
+        with pytest.raises(ConfigError, match="STRIPE_WEBHOOK_SECRET"):
+            from_env(**{**PRODUCTION, "STRIPE_SECRET_KEY": "sk_live_abc"})
+
+    def test_webhook_secret_without_stripe_secret_key_is_refused(self):
+        with pytest.raises(ConfigError, match="STRIPE_SECRET_KEY"):
+            from_env(**{**PRODUCTION, "STRIPE_WEBHOOK_SECRET": "whsec_abc"})
+
+    @pytest.mark.parametrize("missing", ["DATABASE_URL", "REDIS_URL"])
+    def test_missing_database_or_broker_is_refused_naming_it(self, missing):
+        env = {k: v for k, v in PRODUCTION.items() if k != missing}
+        with pytest.raises(ConfigError, match=missing):
+            from_env(**env)
+
+    def test_unknown_environment_is_refused(self):
+        with pytest.raises(ConfigError, match="APP_ENV"):
+            from_env(**{**BASE, "APP_ENV": "staging"})
+
+    @pytest.mark.parametrize("name", ["PORT", "MAX_BODY_BYTES", "FETCH_TIMEOUT_SECONDS"])
+    def test_non_numeric_number_is_a_config_error_naming_it(self, name):
+        with pytest.raises(ConfigError, match=name):
+            from_env(**{**BASE, name: "lots"})
+
+    def test_complete_production_config_is_accepted(self):
+        settings = from_env(**PRODUCTION, STRIPE_SECRET_KEY="sk_live_abc", STRIPE_WEBHOOK_SECRET="whsec_abc",
+                            JWT_ISSUER="https://clerk.example.com", JWT_AUTHORIZED_PARTIES="https://app.example.com, https://x.example.com")
+        assert not settings.is_development
+        assert settings.billing_configured
+        assert settings.jwt_authorized_parties == ("https://app.example.com", "https://x.example.com")
+
+
+class TestDevelopmentDefaults:
+    def test_development_works_with_only_database_and_broker(self):
+        settings = from_env(**BASE)
+        assert settings.environment == "development"
+        assert settings.is_development
+        assert settings.jwt_secret == DEV_JWT_SECRET
+        assert settings.port == 8000
+        assert settings.flower_port == 5555
+        assert settings.jwt_admin_claim == "role=admin"
+        assert settings.frontend_url == "http://localhost:3000"
+        assert settings.media_root == Path("var/media")
+        assert not settings.billing_configured
+        assert settings.broker_url == BASE["REDIS_URL"]
+
+    def test_broker_url_overrides_redis_url(self):
+        settings = from_env(**BASE, BROKER_URL="amqp://guest:guest@rabbit:5672//")
+        assert settings.broker_url == "amqp://guest:guest@rabbit:5672//"
+
+    def test_explicit_values_are_read(self):
+        settings = from_env(**BASE, APP_ENV="test", PORT="9001", JWT_SECRET="s" * 40, FRONTEND_URL="https://app.example.com/",
+                            JWT_PUBLIC_KEY="-----BEGIN PUBLIC KEY-----\\nABC\\n-----END PUBLIC KEY-----")
+        assert settings.port == 9001
+        assert settings.jwt_secret == "s" * 40
+        assert settings.frontend_url == "https://app.example.com"  # no trailing slash: CORS compares exactly
+        assert settings.jwt_public_key.splitlines() == ["-----BEGIN PUBLIC KEY-----", "ABC", "-----END PUBLIC KEY-----"]
+
+
+class TestDatabaseUrls:
+    @pytest.mark.parametrize("given", ["postgres://app:pw@db:5432/studiox", "postgresql://app:pw@db:5432/studiox"])
+    def test_postgres_urls_use_psycopg3(self, given):
+        assert sqlalchemy_url(given) == "postgresql+psycopg://app:pw@db:5432/studiox"
+        assert from_env(**{**BASE, "DATABASE_URL": given}).database_url == "postgresql+psycopg://app:pw@db:5432/studiox"
+
+    def test_explicit_driver_is_kept(self):
+        assert sqlalchemy_url("postgresql+psycopg://app@db/x") == "postgresql+psycopg://app@db/x"
