@@ -39,9 +39,28 @@ def start_postgres(data_dir: Path) -> EmbeddedPostgres:
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(data_dir)
     server = pgserver.get_server(data_dir, cleanup_mode="stop")
     uri = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
     return EmbeddedPostgres(server, uri.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+def _forget_dead_handles(data_dir: Path) -> None:
+    """pgserver stops the server when its last handle (a pid in `.handle_pids.json`) goes
+    away. A process killed without running its atexit hook stays listed forever, and then
+    no later run would ever stop the server; a reused data dir drops such pids first."""
+    import json
+
+    import psutil
+
+    handles = data_dir / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if psutil.pid_exists(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
 
 
 def redis_server_binary() -> str:

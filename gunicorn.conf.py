@@ -1,0 +1,31 @@
+"""gunicorn settings for the `web` process (Procfile), read from the environment so the
+same file serves `make run` and a deployment."""
+
+import os
+
+# Platforms route to $PORT on every interface; `make run` sets BIND_HOST=127.0.0.1 because
+# its development JWT secret is public and must not be reachable from the network.
+bind = [f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"]
+
+# WEB_CONCURRENCY is the name platforms (Heroku, Render) already set from the dyno's size.
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Threads keep a slow client (an upload on a bad link) from holding a whole process.
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "4"))
+
+# A worker that has not checked in with the master for `timeout` seconds is killed and
+# replaced; requests never wait on media work (that is the queue's job), so this is generous.
+timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
+# On SIGTERM, in-flight requests get this long to finish before workers are killed.
+graceful_timeout = 10
+keepalive = 5
+
+accesslog = "-"
+errorlog = "-"
+# The response's X-Request-ID ties an access line to what a client reports.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
+
+# The default control socket ($HOME/.gunicorn/gunicorn.ctl) is one per user, shared by every
+# gunicorn they run; `make run` keeps its own under its var directory.
+if os.environ.get("STUDIOX_VAR_DIR"):
+    control_socket = os.path.join(os.environ["STUDIOX_VAR_DIR"], "gunicorn.ctl")
