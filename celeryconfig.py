@@ -6,6 +6,8 @@ carries a task id.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from datetime import timedelta
 
 from kombu import Queue
@@ -23,11 +25,34 @@ task_routes = {
 
 # Per-type time limits (seconds): soft raises inside the task so it can fail and refund;
 # hard kills the child. The stuck-task reaper uses the hard limit plus a margin.
-TIME_LIMITS = {
+# TIME_LIMIT_<TYPE>=soft,hard overrides a type (e.g. TIME_LIMIT_VIDEO_GENERATION=1800,1860);
+# every process (workers, beat) must see the same values, so set them in the shared env.
+DEFAULT_TIME_LIMITS = {
     "image_analysis": {"soft": 120, "hard": 150},
     "advanced_editing": {"soft": 180, "hard": 210},
     "video_generation": {"soft": 900, "hard": 960},
 }
+
+
+def time_limits_from_env(env: Mapping[str, str]) -> dict[str, dict[str, float]]:
+    limits = {name: dict(values) for name, values in DEFAULT_TIME_LIMITS.items()}
+    for name in limits:
+        variable = f"TIME_LIMIT_{name.upper()}"
+        raw = (env.get(variable) or "").strip()
+        if not raw:
+            continue
+        try:
+            soft, hard = (float(part) for part in raw.split(","))
+        except ValueError:
+            raise ValueError(f"{variable} must be 'soft,hard' in seconds, got {raw!r}") from None
+        if not 0 < soft < hard:
+            # The soft limit must fire first, or the child is killed before it can refund.
+            raise ValueError(f"{variable}: need 0 < soft < hard, got {raw!r}")
+        limits[name] = {"soft": soft, "hard": hard}
+    return limits
+
+
+TIME_LIMITS = time_limits_from_env(os.environ)
 task_annotations = {f"tasks.{name}": {"soft_time_limit": limits["soft"], "time_limit": limits["hard"]}
                     for name, limits in TIME_LIMITS.items()}
 

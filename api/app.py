@@ -8,8 +8,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import create_engine, make_session_factory
 from settings import Settings
+from storage import LocalStorage
 
-from . import billing, errors, health, tasks, users
+from . import billing, errors, health, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
 from .logs import configure_logging
 from .middleware import BodyLimitMiddleware, RequestIdMiddleware, SessionMiddleware
@@ -29,6 +30,8 @@ def create_app(
         from worker.queue import TaskQueue, create_celery
 
         queue = TaskQueue(create_celery(settings))
+    if storage is None:
+        storage = LocalStorage(settings.media_root)
 
     app = falcon.App(
         middleware=[
@@ -58,6 +61,9 @@ def create_app(
     app.add_route("/api/tasks/{task_id}", tasks.TaskResource())
     app.add_route("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource())
     app.add_route("/api/tasks/{task_id}/status", tasks.TaskStatusResource(queue))
+    app.add_route("/api/tasks/{task_id}/output", outputs.TaskOutputResource(storage))
+    app.add_route("/api/uploads", uploads.UploadsResource(storage, settings))
+    app.add_route("/api/uploads/{upload_id}", uploads.UploadResource())
     return app
 
 

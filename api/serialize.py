@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mimetypes
 from datetime import datetime
 from typing import Any
 
@@ -74,7 +75,24 @@ def plans_json(plans: list[Plan]) -> dict[str, Any]:
     return {"plans": [plan_json(p) for p in plans], "taskCosts": price_list()}
 
 
+def output_file(task: AiTask) -> dict[str, Any] | None:
+    """The file a processor stored for the task: `output["file"]` with at least a `key`
+    (optionally `contentType`, `size`, `name`)."""
+    file = task.output.get("file") if isinstance(task.output, dict) else None
+    if isinstance(file, dict) and isinstance(file.get("key"), str) and file["key"]:
+        return file
+    return None
+
+
+def output_file_type(file: dict[str, Any]) -> str | None:
+    declared = file.get("contentType")
+    if isinstance(declared, str) and "/" in declared:
+        return declared
+    return mimetypes.guess_type(file.get("name") or file["key"])[0]
+
+
 def task_json(task: AiTask) -> dict[str, Any]:
+    file = output_file(task)
     return {
         "id": str(task.id),
         "userId": str(task.user_id),
@@ -93,4 +111,7 @@ def task_json(task: AiTask) -> dict[str, Any]:
         "createdAt": iso(task.created_at),
         "startedAt": iso(task.started_at),
         "completedAt": iso(task.completed_at),
+        "outputUrl": f"/api/tasks/{task.id}/output" if file is not None else None,
+        "outputSize": file.get("size") if file is not None and isinstance(file.get("size"), int) else None,
+        "outputType": output_file_type(file) if file is not None else None,
     }

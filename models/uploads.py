@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
-from .errors import UploadNotFound
+from .errors import DomainError, InvalidInput, UploadNotFound
+from .params import input_sources
 
 
 class Upload(Base):
@@ -28,6 +30,57 @@ class Upload(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
+class UnsupportedMediaType(DomainError):
+    """The file is not a supported image."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidImage(DomainError):
+    """The file looks like an image but cannot be read."""
+
+    status_code = 400
+    code = "invalid_image"
+
+
+class ImageTooLarge(DomainError):
+    """The image has more pixels than this server accepts."""
+
+    status_code = 400
+    code = "image_too_large"
+
+
+# Magic numbers of the formats the processors read. Sniffed from the bytes, never taken
+# from a file name or a client's Content-Type, which cost nothing to forge.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", "image/jpeg"),
+    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
+    (0, b"GIF87a", "image/gif"),
+    (0, b"GIF89a", "image/gif"),
+    (0, b"BM", "image/bmp"),
+    (0, b"II*\x00", "image/tiff"),
+    (0, b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_content_type(head: bytes) -> str:
+    """The media type the first bytes of a file announce; application/octet-stream if unknown."""
+    for offset, magic, media_type in _SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return media_type
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"heic", b"heix", b"mif1", b"msf1"):
+            return "image/heic"
+        if brand == b"qt  ":
+            return "video/quicktime"
+        return "video/mp4"
+    return "application/octet-stream"
+
+
 def add_upload(session: Session, user_id: uuid.UUID, **fields) -> Upload:
     upload = Upload(user_id=user_id, **fields)
     session.add(upload)
@@ -41,3 +94,37 @@ def get_upload(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> Up
     if upload is None:
         raise UploadNotFound()
     return upload
+
+
+def _upload_ref(source: Any) -> str | None:
+    """The upload id a task input source names, or None when it is a URL (the worker's
+    resolve_inputs reads sources the same way)."""
+    if isinstance(source, dict):
+        return source["uploadId"] if isinstance(source.get("uploadId"), str) else None
+    text = str(source).strip()
+    if text.lower().startswith(("http://", "https://")):
+        return None
+    if "://" in text:
+        raise InvalidInput("An input must be an upload id or an http(s) URL", code="invalid_input")
+    return text
+
+
+def check_inputs_owned(session: Session, user_id: uuid.UUID, task_type: str, input: Any) -> None:
+    """Every upload a task input names exists and belongs to the user; otherwise 404.
+
+    The worker checks again when it resolves the inputs (an upload could be deleted in
+    between); this check only spares the user a charge-and-refund for a typo.
+    """
+    refs = [ref for ref in map(_upload_ref, input_sources(task_type, input)) if ref is not None]
+    if not refs:
+        return
+    ids: set[uuid.UUID] = set()
+    for ref in refs:
+        try:
+            ids.add(uuid.UUID(ref))
+        except ValueError:
+            raise UploadNotFound(f"Upload {ref[:64]} not found") from None
+    owned = set(session.scalars(select(Upload.id).where(Upload.id.in_(ids), Upload.user_id == user_id)))
+    missing = [str(i) for i in ids - owned]
+    if missing:
+        raise UploadNotFound(f"Upload {missing[0]} not found")

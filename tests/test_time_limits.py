@@ -1,0 +1,121 @@
+"""Per-type time limits from configuration, and the retry/refund paths, through a real worker."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+import redis
+from falcon import testing
+from PIL import Image
+from sqlalchemy import select
+
+from api.app import create_app
+from celeryconfig import DEFAULT_TIME_LIMITS, time_limits_from_env
+from models import Transaction
+from tests.conftest import bearer, worker_env
+from tests.support.workers import CeleryWorker, wait_for
+from worker.queue import TaskQueue, create_celery
+
+
+class TestTimeLimitConfiguration:
+    def test_defaults_without_configuration(self):
+        assert time_limits_from_env({}) == DEFAULT_TIME_LIMITS
+
+    def test_one_type_is_overridden_by_its_variable(self):
+        limits = time_limits_from_env({"TIME_LIMIT_VIDEO_GENERATION": "1800, 1860"})
+        assert limits["video_generation"] == {"soft": 1800, "hard": 1860}
+        assert limits["image_analysis"] == DEFAULT_TIME_LIMITS["image_analysis"]
+
+    @pytest.mark.parametrize("raw", ["60", "a,b", "10,5", "0,5", "5,5", "1,2,3"])
+    def test_nonsense_is_refused_with_the_variable_named(self, raw):
+        with pytest.raises(ValueError, match="TIME_LIMIT_IMAGE_ANALYSIS"):
+            time_limits_from_env({"TIME_LIMIT_IMAGE_ANALYSIS": raw})
+
+
+# --- end to end ----------------------------------------------------------------------
+
+ISOLATED_REDIS_DB = 11  # a broker database no other test's worker consumes
+
+
+@pytest.fixture(scope="module")
+def isolated_settings(e2e_settings):
+    settings = e2e_settings.with_(broker_url=e2e_settings.broker_url.rsplit("/", 1)[0] + f"/{ISOLATED_REDIS_DB}")
+    redis.Redis.from_url(settings.broker_url).flushdb()
+    return settings
+
+
+@pytest.fixture(scope="module")
+def limited_worker(isolated_settings, tmp_path_factory):
+    """image_analysis runs the sleepy stand-in with a 1 s soft / 3 s hard limit."""
+    env = worker_env(isolated_settings, PROCESSOR_OVERRIDES="image_analysis=tests.support.processors:sleepy",
+                     TIME_LIMIT_IMAGE_ANALYSIS="1,3")
+    worker = CeleryWorker(env, queues=("image_analysis",), concurrency=1, name="limits",
+                          log_path=tmp_path_factory.mktemp("logs") / "limits-worker.log")
+    worker.start(create_celery(isolated_settings))
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def customer(isolated_settings, e2e_engine, e2e_db, make_token):
+    client = testing.TestClient(create_app(isolated_settings, engine=e2e_engine, session_factory=e2e_db,
+                                           queue=TaskQueue(create_celery(isolated_settings))))
+    headers = bearer(make_token())
+    assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    upload = client.simulate_post("/api/uploads", headers={**headers, "Content-Type": "image/png"},
+                                  body=buffer.getvalue()).json["upload"]
+    return client, headers, upload["id"]
+
+
+def run_task(customer, params: dict, timeout: float = 60) -> dict:
+    client, headers, upload_id = customer
+    r = client.simulate_post("/api/tasks/create", headers=headers,
+                             json={"type": "image_analysis", "input": upload_id, "params": params})
+    assert r.status_code == 201, r.json
+    task_id = r.json["task"]["id"]
+    return wait_for(lambda: (t := client.simulate_get(f"/api/tasks/{task_id}", headers=headers).json["task"])
+                    ["status"] in ("completed", "failed") and t, timeout=timeout, message="task final")
+
+
+def assert_charge_refunded(customer, e2e_db, task: dict) -> None:
+    client, headers, _ = customer
+    with e2e_db() as s:
+        entries = sorted((t.type, t.amount) for t in s.scalars(
+            select(Transaction).where(Transaction.task_id == uuid.UUID(task["id"]))))
+    assert entries == [("credit_deduction", -task["creditsUsed"]), ("credit_refund", task["creditsUsed"])]
+    credits = client.simulate_get("/api/users/credits", headers=headers).json
+    assert credits["credits"] == 20  # back where the free plan's grant started
+    ledger = client.simulate_get("/api/users/transactions", headers=headers).json["transactions"]
+    assert sum(entry["amount"] for entry in ledger) == credits["credits"]
+
+
+@pytest.mark.e2e
+class TestLimitsAndRetriesThroughAWorker:
+    def test_a_task_over_its_soft_limit_fails_and_is_refunded(self, limited_worker, customer, e2e_db):
+        task = run_task(customer, {"sleep": 5})
+        assert task["status"] == "failed", task
+        assert task["errorCode"] == "time_limit_exceeded"
+        assert task["progress"] < 100
+        assert_charge_refunded(customer, e2e_db, task)
+
+    def test_a_task_within_its_limit_completes(self, limited_worker, customer):
+        task = run_task(customer, {"sleep": 0.2})
+        assert task["status"] == "completed", task
+
+    def test_a_transient_error_is_retried_then_fails_with_a_refund(self, limited_worker, customer, e2e_db):
+        task = run_task(customer, {"fail": "transient"}, timeout=90)
+        assert task["status"] == "failed", task
+        assert task["errorCode"] == "fetch_failed"
+        assert task["attempt"] > 1  # retried with backoff before giving up
+        assert_charge_refunded(customer, e2e_db, task)
+
+    def test_a_permanent_error_fails_at_once_with_a_readable_message(self, limited_worker, customer, e2e_db):
+        task = run_task(customer, {"fail": "permanent"})
+        assert task["status"] == "failed", task
+        assert task["attempt"] == 1
+        assert (task["errorCode"], task["error"]) == ("bad_input_for_test", "This input can never work")
+        assert_charge_refunded(customer, e2e_db, task)
