@@ -295,9 +295,10 @@ def _edit_operation(index: int, item: Any) -> dict[str, Any]:
 
 def normalize_edit_params(params: dict[str, Any]) -> dict[str, Any]:
     r = _Reader(params, "params.", aliases={"autoOrient": "auto_orient"})
+    # No operations is a plain re-encode: upright, metadata stripped, in the chosen format.
     operations = r.raw("operations")
     if operations is None:
-        raise _invalid("params.operations is required: a list of edit operations")
+        operations = []
     if not isinstance(operations, list) or len(operations) > MAX_EDIT_OPERATIONS:
         raise _invalid(f"params.operations must be a list of at most {MAX_EDIT_OPERATIONS} operations")
     return {

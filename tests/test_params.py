@@ -95,7 +95,6 @@ class TestEditOperations:
         assert [op["op"] for op in spec["operations"]] == ["auto_orient", "auto_contrast", "grayscale"]
 
     @pytest.mark.parametrize("params, expected", [
-        ({}, "params.operations is required"),
         ({"operations": "resize"}, "params.operations must be a list"),
         ({"operations": ["grayscale"] * (MAX_EDIT_OPERATIONS + 1)}, "params.operations must be a list of at most 50"),
         ({"operations": [], "format": "gif"}, "params.format must be one of jpeg, png, webp"),
@@ -107,6 +106,10 @@ class TestEditOperations:
     def test_top_level_params_are_checked(self, params, expected):
         error = refusal("advanced_editing", params)
         assert error.message.startswith(expected)
+
+    def test_no_operations_is_a_plain_re_encode(self):
+        assert normalize_edit_params({})["operations"] == []
+        assert normalize_edit_params({"operations": None, "format": "webp"})["format"] == "webp"
 
     def test_unknown_top_level_keys_are_ignored(self):
         validate_task_request("advanced_editing", "upload-id", {"operations": [], "clientTag": "x"})
