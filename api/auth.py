@@ -164,6 +164,8 @@ class AuthMiddleware:
         required = getattr(resource, "auth", "user")
         if resource is None or required is None or req.method == "OPTIONS":
             return
+        if not hasattr(resource, f"on_{req.method.lower()}"):
+            return  # let Falcon answer 405: the method is wrong whoever asks
         header = req.get_header("Authorization") or ""
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -7,6 +7,7 @@ import falcon
 from models.db import on_commit
 from models.errors import InvalidInput, TaskNotFound
 from models.params import validate_task_request
+from models.uploads import check_inputs_owned
 from models.tasks import admin_set_status, cancel_task, get_task, list_tasks, submit_task, task_stats
 
 from .context import current_user, json_body, limit_param, parse_uuid
@@ -26,9 +27,16 @@ class CreateTaskResource:
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
         session = req.context.session
+        user = current_user(req)
+
+        def validate(task_type, input, params):
+            validate_task_request(task_type, input, params)
+            # Spares the user a charge-and-refund for another user's (or a mistyped) upload id.
+            check_inputs_owned(session, user.id, task_type, input)
+
         task, created = submit_task(
-            session, current_user(req), task_type, body.get("input"), body.get("params") or {},
-            idempotency_key=key, validate=validate_task_request,
+            session, user, task_type, body.get("input"), body.get("params") or {},
+            idempotency_key=key, validate=validate,
         )
         if created:
             task_type, task_id = task.type, task.id

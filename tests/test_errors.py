@@ -92,6 +92,9 @@ class TestRoutingErrors:
     def test_wrong_method_on_user_route_is_405(self, client, user_headers):
         assert_error(client.simulate_delete("/api/users/me", headers=user_headers), 405, "method_not_allowed")
 
+    def test_wrong_method_on_user_route_is_405_even_without_a_token(self, client):
+        assert_error(client.simulate_delete("/api/users/me"), 405, "method_not_allowed")
+
 
 class TestRequestBodyErrors:
     def test_malformed_json_is_400_invalid_json(self, client, user_headers):

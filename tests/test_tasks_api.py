@@ -52,8 +52,12 @@ class TestCreateTask:
         assert r.status_code == 400, r.json
         assert r.json["code"] == code and r.json["statusCode"] == 400
 
+    def test_another_users_upload_is_404_at_submission(self, client, user_headers):
+        r = create(client, user_headers, {"type": "image_analysis", "input": str(uuid.uuid4())})
+        assert r.status_code == 404 and r.json["code"] == "upload_not_found"
+
     def test_plan_must_allow_the_type(self, client, user_headers):
-        r = create(client, user_headers, {"type": "video_generation", "input": "x", "params": {"duration": 2}})
+        r = create(client, user_headers, {"type": "video_generation", "input": "https://example.com/x.jpg", "params": {"duration": 2}})
         assert r.status_code == 403 and r.json["code"] == "plan_does_not_allow"
 
     def test_in_flight_tasks_are_capped_by_the_plan(self, client, user_headers):
@@ -67,14 +71,14 @@ class TestCreateTask:
         # Pro grants 500; leave 7 and ask for a 4-second video (8 credits).
         post_entry(session, me.id, type="admin_adjustment", plan_delta=-(me.plan_credits - 7))
         session.commit()
-        r = create(client, user_headers, {"type": "video_generation", "input": "x", "params": {"duration": 4}})
+        r = create(client, user_headers, {"type": "video_generation", "input": "https://example.com/x.jpg", "params": {"duration": 4}})
         assert r.status_code == 402 and r.json["code"] == "insufficient_credits"
 
     def test_pending_reservations_count_against_available(self, client, user_headers, me, session):
         post_entry(session, me.id, type="admin_adjustment", plan_delta=-(me.plan_credits - 3))
         session.commit()
-        assert create(client, user_headers, {"type": "advanced_editing", "input": "x"}).status_code == 201  # 2
-        r = create(client, user_headers, {"type": "advanced_editing", "input": "y"})  # 2 more, 1 left
+        assert create(client, user_headers, {"type": "advanced_editing", "input": "https://example.com/x.jpg"}).status_code == 201  # 2
+        r = create(client, user_headers, {"type": "advanced_editing", "input": "https://example.com/y.jpg"})  # 2 more, 1 left
         assert r.status_code == 402
 
 
@@ -144,7 +148,7 @@ class TestReadTasks:
 
     def test_stats_count_by_status_and_type_and_credits(self, client, user_headers, me, session):
         create(client, user_headers)
-        tid = uuid.UUID(create(client, user_headers, {**IMAGE, "input": "b"}).json["task"]["id"])
+        tid = uuid.UUID(create(client, user_headers, {**IMAGE, "input": "https://example.com/b.jpg"}).json["task"]["id"])
         start_task(session, tid)
         session.commit()
         client.simulate_patch(f"/api/tasks/{tid}/cancel", headers=user_headers)

@@ -269,12 +269,21 @@ class TestHealth:
         assert result.status_code == 200
         assert result.json["status"] == "ok"
 
+    def test_health_reuses_pooled_broker_connections(self, client, settings):
+        import redis as redis_lib
+
+        stats = redis_lib.Redis.from_url(settings.broker_url)
+        before = stats.info("stats")["total_connections_received"]
+        for _ in range(20):
+            assert client.simulate_get("/health").status_code == 200
+        assert stats.info("stats")["total_connections_received"] - before <= 3
+
     def test_health_is_503_when_the_broker_is_down(self, settings, engine, session_factory):
         queue = TaskQueue(create_celery(settings.with_(broker_url=CLOSED_PORT_BROKER)))
         client = testing.TestClient(create_app(settings, engine=engine, session_factory=session_factory, queue=queue))
         result = client.simulate_get("/health")
         assert result.status_code == 503
-        assert ERROR_KEYS <= set(result.json) and result.json["statusCode"] == 503
+        assert ERROR_KEYS == set(result.json) and result.json["statusCode"] == 503
         assert "broker" in result.json["error"] and "database" not in result.json["error"]
 
     def test_health_is_503_when_the_database_is_down(self, settings, session_factory, task_queue):
@@ -285,5 +294,5 @@ class TestHealth:
         finally:
             down.dispose()
         assert result.status_code == 503
-        assert ERROR_KEYS <= set(result.json) and result.json["statusCode"] == 503
+        assert ERROR_KEYS == set(result.json) and result.json["statusCode"] == 503
         assert "database" in result.json["error"] and "broker" not in result.json["error"]

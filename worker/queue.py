@@ -30,6 +30,13 @@ class TaskQueue:
         self.celery.send_task(f"tasks.{task_type}", args=[str(task_id)])
 
     def ping(self, timeout: float = 2.0) -> None:
-        """Raise if the broker cannot be reached."""
-        with self.celery.connection_for_write() as conn:
+        """Raise if the broker cannot be reached.
+
+        Uses a pooled connection (a health check every second must not open a new one);
+        on Redis it round-trips a PING, elsewhere a connected pooled connection counts.
+        """
+        with self.celery.pool.acquire(block=True, timeout=timeout) as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
+            client = getattr(conn.default_channel, "client", None)
+            if client is not None and hasattr(client, "ping"):
+                client.ping()
