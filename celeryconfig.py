@@ -79,9 +79,10 @@ broker_transport_options = {
 }
 broker_connection_retry_on_startup = True
 
-# Flower and operators see task events.
+# Flower and operators see task events from `task-received` on. The `task-sent` event is
+# off: it would be a second broker publish inside every API submission.
 worker_send_task_events = True
-task_send_sent_event = True
+task_send_sent_event = False
 task_track_started = True
 
 timezone = "UTC"

@@ -30,20 +30,26 @@ def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) ->
 
     `wait_seconds` covers a killed runner whose server session has not ended yet.
     """
-    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    # A session-level advisory lock outlives the transaction that took it, so the holder's
+    # connection can run the task's own transactions while it holds the lease.
+    conn = engine.connect()
     try:
         deadline = time.monotonic() + wait_seconds
         held = _try_lock(conn, task_id)
+        conn.commit()
         while not held and time.monotonic() < deadline:
             time.sleep(0.1)
             held = _try_lock(conn, task_id)
+            conn.commit()
         if not held:
             yield None
             return
         try:
             yield conn
         finally:
+            conn.rollback()
             conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
+            conn.commit()
     finally:
         conn.close()
 

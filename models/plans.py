@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import CheckConstraint, Integer, String, select
@@ -82,8 +83,31 @@ def list_plans(session: Session) -> list[Plan]:
     return list(session.scalars(select(Plan).order_by(Plan.sort_order)))
 
 
-def get_plan(session: Session, plan_id: str) -> Plan:
-    plan = session.get(Plan, plan_id)
-    if plan is None:
-        raise PlanNotFound(f"Unknown plan {plan_id!r}")
-    return plan
+@dataclass(frozen=True)
+class PlanRules:
+    """What the money rules read of a plan; a snapshot safe to share across sessions."""
+
+    id: str
+    name: str
+    monthly_credits: int
+    allowed_task_types: tuple[str, ...]
+    max_concurrent_tasks: int
+
+    def allows(self, task_type: str) -> bool:
+        return task_type in self.allowed_task_types
+
+
+# Plans change only through migrations (which restart the processes), so each process
+# reads a plan once instead of on every submission and charge.
+_PLAN_CACHE: dict[str, PlanRules] = {}
+
+
+def get_plan(session: Session, plan_id: str) -> PlanRules:
+    rules = _PLAN_CACHE.get(plan_id)
+    if rules is None:
+        plan = session.get(Plan, plan_id)
+        if plan is None:
+            raise PlanNotFound(f"Unknown plan {plan_id!r}")
+        rules = _PLAN_CACHE[plan_id] = PlanRules(plan.id, plan.name, plan.monthly_credits,
+                                                 tuple(plan.allowed_task_types), plan.max_concurrent_tasks)
+    return rules

@@ -211,9 +211,9 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
         return None
     if task.status == "pending":
         try:
-            with session.begin_nested():
-                spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
-                              description=f"{task.type} task")
+            # spend_credits raises before it writes anything, so no savepoint is needed.
+            spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
+                          description=f"{task.type} task")
         except InsufficientCredits:
             task.status, task.error_code = "failed", "insufficient_credits"
             task.error = f"Not enough credits: this task costs {task.credits_used}"
@@ -248,13 +248,15 @@ def task_status(session: Session, task_id: uuid.UUID) -> str | None:
 
 def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) -> bool:
     """Store the output if the task is still processing; False means drop the result."""
-    task = _lock_task(session, task_id)
-    if task is None or task.status != "processing":
-        return False
-    task.status, task.output, task.progress, task.completed_at = "completed", output, 100, utcnow()
-    task.error = task.error_code = None
-    session.flush()
-    return True
+    # One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel
+    # it re-checks `status` on the newest row version, so exactly one of the two acts.
+    done = session.execute(
+        AiTask.__table__.update()
+        .where(AiTask.id == task_id, AiTask.status == "processing")
+        .values(status="completed", output=output, progress=100, completed_at=utcnow(), error=None, error_code=None)
+        .returning(AiTask.id)
+    ).first()
+    return done is not None
 
 
 def refund_task(session: Session, task: AiTask, reason: str) -> Transaction | None:

@@ -42,6 +42,7 @@ def resolve_inputs(
         else:
             from .fetch import fetch_to_file
 
+            workdir.mkdir(parents=True, exist_ok=True)
             target = workdir / f"input-{index}"
             content_type = fetch_to_file(ref, target, settings)
             files.append(InputFile(target, content_type, source))

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from models.db import session_scope
+from models.db import make_session_factory, session_scope
 from models.leases import task_lease
 from models.tasks import TaskWork, complete_task, fail_task, report_progress, start_task, task_status
 
 from . import runtime
 from .app import app
 from .inputs import resolve_inputs
-from .processors import Cancelled, PermanentError, ProcessContext, TransientError, get_processor, parse_overrides
+from .processors import Cancelled, PermanentError, ProcessContext, TransientError, get_processor
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ LEASE_WAIT_SECONDS = 3.0
 class _Progress:
     """Throttled progress writes that also notice cancellation."""
 
-    def __init__(self, task_id: uuid.UUID, min_interval: float = 0.5):
-        self.task_id, self.min_interval = task_id, min_interval
+    def __init__(self, task_id: uuid.UUID, sessions, min_interval: float = 0.5):
+        self.task_id, self.sessions, self.min_interval = task_id, sessions, min_interval
         self._last_write, self._last_value, self._cancelled = 0.0, -1, False
         self._last_check = 0.0
 
@@ -46,7 +46,7 @@ class _Progress:
         value = int(value)
         if value == self._last_value or (now - self._last_write < self.min_interval and value < 100):
             return
-        with session_scope(runtime.sessions()) as session:
+        with session_scope(self.sessions) as session:
             status = report_progress(session, self.task_id, value)
         self._last_write, self._last_value, self._last_check = now, value, now
         self._cancelled = status != "processing"
@@ -54,28 +54,30 @@ class _Progress:
     def is_cancelled(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= self.min_interval:
-            with session_scope(runtime.sessions()) as session:
+            with session_scope(self.sessions) as session:
                 self._cancelled = task_status(session, self.task_id) != "processing"
             self._last_check = now
         return self._cancelled
 
 
 def _fail(task_id: uuid.UUID, message: str, code: str) -> None:
+    # A fresh pooled connection: a soft time limit may have interrupted the lease's mid-query.
     with session_scope(runtime.sessions()) as session:
         fail_task(session, task_id, message, code)
 
 
-def _process(work: TaskWork) -> dict:
+def _process(work: TaskWork, sessions) -> dict:
     settings = runtime.settings()
-    progress = _Progress(work.id)
-    workdir = Path(tempfile.mkdtemp(prefix=f"task-{work.id}-"))
+    progress = _Progress(work.id, sessions)
+    # Made on first use (URL inputs, encoders): most tasks never need a scratch directory.
+    workdir = Path(tempfile.gettempdir()) / f"studiox-task-{work.id}-{uuid.uuid4().hex[:8]}"
     try:
-        with session_scope(runtime.sessions()) as session:
+        with session_scope(sessions) as session:
             inputs = resolve_inputs(session, work.user_id, work.type, work.input, storage=runtime.storage(),
                                     settings=settings, workdir=workdir)
         ctx = ProcessContext(progress=progress, is_cancelled=progress.is_cancelled, storage=runtime.storage(),
                              task_id=str(work.id), settings=settings, workdir=workdir)
-        processor = get_processor(work.type, parse_overrides(settings.processor_overrides))
+        processor = get_processor(work.type, settings.processor_overrides)
         return processor(inputs, work.params, ctx)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -91,12 +93,14 @@ def run_ai_task(celery_task, task_id: str) -> str:
         if lease is None:
             log.info("task %s is running elsewhere; duplicate message dropped", tid)
             return "duplicate"
-        with session_scope(runtime.sessions()) as session:
+        # The task's transactions run on the lease's connection: one checkout per task.
+        sessions = make_session_factory(lease)
+        with session_scope(sessions) as session:
             work = start_task(session, tid, may_resume=True)
         if work is None:
             return "stale"
         try:
-            output = _process(work)
+            output = _process(work, sessions)
         except Cancelled:
             return "cancelled"
         except TransientError as exc:
@@ -115,7 +119,7 @@ def run_ai_task(celery_task, task_id: str) -> str:
             log.exception("task %s failed", tid)
             _fail(tid, "Processing failed unexpectedly", "processing_failed")
             return "failed"
-        with session_scope(runtime.sessions()) as session:
+        with session_scope(sessions) as session:
             completed = complete_task(session, tid, output)
         return "completed" if completed else "cancelled"
 

@@ -5,6 +5,7 @@ operators for a remote provider."""
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from typing import Any
 
 from .base import Cancelled, InputFile, PermanentError, ProcessContext, ProcessingError, Processor, TransientError
@@ -21,8 +22,10 @@ def _load(path: str) -> Processor:
     return getattr(importlib.import_module(module_name), attr)
 
 
-def get_processor(task_type: str, overrides: dict[str, str] | None = None) -> Processor:
-    path = (overrides or {}).get(task_type) or DEFAULT_PROCESSORS[task_type]
+@cache
+def get_processor(task_type: str, overrides: str = "") -> Processor:
+    """The processor for a type; `overrides` is the raw PROCESSOR_OVERRIDES value."""
+    path = parse_overrides(overrides).get(task_type) or DEFAULT_PROCESSORS[task_type]
     return _load(path)
 
 
