@@ -9,6 +9,8 @@ worker processes; truncated before each e2e test).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,7 +39,9 @@ UNIT_REDIS_DB, E2E_REDIS_DB = 1, 2
 def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Server URLs: admin database URL and a Redis base URL."""
     stops: list[Callable[[], None]] = []
-    base = tmp_path_factory.mktemp("servers")
+    # Outside pytest's own temp tree: a concurrent pytest run prunes and re-permissions that
+    # tree, which would pull the data directory from under the embedded PostgreSQL.
+    base = Path(tempfile.mkdtemp(prefix="studiox-test-servers-"))
     pg_url = os.environ.get("TEST_DATABASE_URL")
     if pg_url:
         pg_url = sqlalchemy_url(pg_url)
@@ -53,6 +57,7 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
     yield {"postgres": pg_url, "redis": redis_url}
     for stop in reversed(stops):
         stop()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _database_url(admin_url: str, name: str) -> str:
