@@ -23,3 +23,8 @@ class Base(DeclarativeBase):
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def sql_in(column: str, values: tuple[str, ...]) -> str:
+    """`column IN ('a', 'b')` for CHECK constraints over a fixed vocabulary."""
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.util import identity_key
 
-from .base import Base, utcnow
+from .base import Base, sql_in, utcnow
 from .errors import InsufficientCredits, UserNotFound
 from .users import User, lock_user
 
@@ -50,14 +50,10 @@ TRANSACTION_TYPES = (
 )
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
 class Transaction(Base):
     __tablename__ = "transactions"
     __table_args__ = (
-        CheckConstraint(_in("type", TRANSACTION_TYPES), name="type_known"),
+        CheckConstraint(sql_in("type", TRANSACTION_TYPES), name="type_known"),
         CheckConstraint("bucket IN ('plan', 'purchased', 'both')", name="bucket_known"),
         CheckConstraint("amount = plan_delta + purchased_delta", name="amount_is_sum_of_deltas"),
         CheckConstraint("amount <> 0", name="amount_nonzero"),

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base, utcnow
+from .base import Base, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
 from .errors import (
     IdempotencyKeyReused,
@@ -54,15 +54,11 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 IN_FLIGHT = ("pending", "processing")
 
 
-def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
-
-
 class AiTask(Base):
     __tablename__ = "ai_tasks"
     __table_args__ = (
-        CheckConstraint(_in("type", TASK_TYPES), name="type_known"),
-        CheckConstraint(_in("status", STATUSES), name="status_known"),
+        CheckConstraint(sql_in("type", TASK_TYPES), name="type_known"),
+        CheckConstraint(sql_in("status", STATUSES), name="status_known"),
         CheckConstraint("credits_used > 0", name="credits_used_positive"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress_range"),
         CheckConstraint("attempt >= 0", name="attempt_nonnegative"),

@@ -68,6 +68,14 @@ def _redis_db(url: str, db: int) -> str:
     return url.rsplit("/", 1)[0] + f"/{db}" if url.count("/") >= 3 else f"{url}/{db}"
 
 
+def isolated_broker(settings: Settings, db: int) -> Settings:
+    """The same settings on an emptied Redis database that no other test's worker consumes
+    (each test module that starts its own worker takes its own number)."""
+    isolated = settings.with_(broker_url=_redis_db(settings.broker_url, db))
+    redis.Redis.from_url(isolated.broker_url).flushdb()
+    return isolated
+
+
 @pytest.fixture(scope="session")
 def databases(servers) -> Iterator[dict[str, str]]:
     """A migrated `unit` database and an `e2e` copy of it, unique to this run."""

@@ -3,10 +3,8 @@ once, lost messages re-sent, stuck tasks reaped — run by real workers, fired r
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -19,20 +17,10 @@ from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import start_task, submit_task
 from models.users import initialize_user
+from tests.support.concurrency import at_once
 from tests.support.workers import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def at_once(n, fn):
-    barrier = threading.Barrier(n)
-
-    def run(i):
-        barrier.wait()
-        return fn(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
 
 
 def count(session, user_id, type_):

@@ -21,10 +21,9 @@ from models import AiTask, Transaction, User
 from models.billing import change_plan
 from models.credits import ledger_sum, post_entry
 from models.db import session_scope
-from models.tasks import FINAL_STATUSES, submit_task
+from models.tasks import FINAL_STATUSES
 from models.uploads import add_upload
-from models.users import initialize_user
-from tests.conftest import bearer, worker_env
+from tests.conftest import bearer, isolated_broker, worker_env
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import create_celery
@@ -143,10 +142,7 @@ def private_broker(e2e_settings, e2e_engine, e2e_db):
     from api.app import create_app
     from worker.queue import TaskQueue
 
-    settings = e2e_settings.with_(broker_url=e2e_settings.broker_url.rsplit("/", 1)[0] + "/3")
-    import redis
-
-    redis.Redis.from_url(settings.broker_url).flushdb()
+    settings = isolated_broker(e2e_settings, 3)
     client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(create_celery(settings))))
     return settings, client

@@ -12,31 +12,11 @@ import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageFilter
 from PIL.TiffImagePlugin import IFDRational
 
-from settings import Settings
-from storage import LocalStorage
-from worker.processors.base import Cancelled, InputFile, PermanentError, ProcessContext
+from tests.support.context import Recorder, make_ctx
+from worker.processors.base import Cancelled, InputFile, PermanentError
 from worker.processors.editing import edit_image
 
 RED, BLUE, GREEN = (230, 20, 20), (20, 40, 220), (20, 200, 40)
-
-
-class Recorder:
-    def __init__(self, cancel_after_progress: int | None = None):
-        self.values: list[int] = []
-        self.cancel_after = cancel_after_progress
-
-    def progress(self, value: int) -> None:
-        self.values.append(value)
-
-    def is_cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.values) >= self.cancel_after
-
-
-def make_ctx(tmp_path: Path, recorder: Recorder | None = None, **settings) -> ProcessContext:
-    recorder = recorder or Recorder()
-    return ProcessContext(progress=recorder.progress, is_cancelled=recorder.is_cancelled,
-                          storage=LocalStorage(tmp_path / "storage"), task_id="task-7",
-                          settings=Settings(**settings), workdir=tmp_path / "work")
 
 
 def marked(width=200, height=100) -> Image.Image:
@@ -71,9 +51,9 @@ def near(pixel, colour, tolerance=30) -> bool:
 class TestOutput:
     def test_the_file_contract(self, tmp_path):
         output, result = edit(tmp_path, marked(), [{"op": "resize", "width": 100}], format="jpeg", quality=90)
-        assert output["file"]["key"] == "outputs/task-7/edited.jpg"
+        assert output["file"]["key"] == "outputs/task-1/edited.jpg"
         assert output["file"]["contentType"] == "image/jpeg" and output["file"]["name"] == "edited.jpg"
-        assert output["file"]["size"] == (tmp_path / "storage" / "outputs/task-7/edited.jpg").stat().st_size
+        assert output["file"]["size"] == (tmp_path / "storage" / "outputs/task-1/edited.jpg").stat().st_size
         assert (output["width"], output["height"], output["operations"], output["format"]) == (100, 50, 1, "jpeg")
         assert result.format == "JPEG" and result.size == (100, 50)
 

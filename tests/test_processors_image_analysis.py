@@ -12,9 +12,8 @@ import pytest
 from PIL import ExifTags, Image, ImageDraw, ImageFilter, ImageFont
 from PIL.TiffImagePlugin import IFDRational as Fraction
 
-from settings import Settings
-from storage import LocalStorage
-from worker.processors.base import Cancelled, InputFile, PermanentError, ProcessContext
+from tests.support.context import Recorder, make_ctx
+from worker.processors.base import Cancelled, InputFile, PermanentError
 from worker.processors.image_analysis import _dct_matrix, analyse_image, hamming_distance
 
 
@@ -107,25 +106,6 @@ def camera_exif(*, latitude=None, longitude=None, orientation=1) -> Image.Exif:
 
 
 # --- the processor, called directly --------------------------------------------------------
-
-class Recorder:
-    def __init__(self, cancel_after_progress: int | None = None):
-        self.values: list[int] = []
-        self.cancel_after = cancel_after_progress
-
-    def progress(self, value: int) -> None:
-        self.values.append(value)
-
-    def is_cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.values) >= self.cancel_after
-
-
-def make_ctx(tmp_path: Path, recorder: Recorder | None = None, **settings) -> ProcessContext:
-    recorder = recorder or Recorder()
-    return ProcessContext(progress=recorder.progress, is_cancelled=recorder.is_cancelled,
-                          storage=LocalStorage(tmp_path / "storage"), task_id="task-1",
-                          settings=Settings(**settings), workdir=tmp_path / "work")
-
 
 def save(tmp_path: Path, image: Image.Image, name: str, **options) -> InputFile:
     path = tmp_path / name

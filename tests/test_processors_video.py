@@ -12,32 +12,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 import worker.processors.video as video
-from settings import Settings
-from storage import LocalStorage
-from worker.processors.base import Cancelled, InputFile, PermanentError, ProcessContext
+from tests.support.context import Recorder, make_ctx
+from worker.processors.base import Cancelled, InputFile, PermanentError
 from worker.processors.video import Timeline, generate_video
 
 SMALL = {"width": 320, "height": 240, "fps": 12}
 RED, BLUE = (220, 30, 30), (30, 40, 220)
-
-
-class Recorder:
-    def __init__(self, cancel_after_progress: int | None = None):
-        self.values: list[int] = []
-        self.cancel_after = cancel_after_progress
-
-    def progress(self, value: int) -> None:
-        self.values.append(value)
-
-    def is_cancelled(self) -> bool:
-        return self.cancel_after is not None and len(self.values) >= self.cancel_after
-
-
-def make_ctx(tmp_path: Path, recorder: Recorder | None = None, **settings) -> ProcessContext:
-    recorder = recorder or Recorder()
-    return ProcessContext(progress=recorder.progress, is_cancelled=recorder.is_cancelled,
-                          storage=LocalStorage(tmp_path / "storage"), task_id="task-v",
-                          settings=Settings(**settings), workdir=tmp_path / "work")
 
 
 def image_file(tmp_path: Path, name: str, image: Image.Image) -> InputFile:
@@ -86,8 +66,8 @@ class TestTheMp4:
         assert meta["codec"] == "h264" and meta["size"] == (320, 240) and meta["fps"] == 12
         assert meta["pix_fmt"].startswith("yuv420p")
         assert len(frames) == 24 == output["frames"]
-        assert output["file"] == {"key": "outputs/task-v/video.mp4", "contentType": "video/mp4",
-                                  "size": (tmp_path / "storage/outputs/task-v/video.mp4").stat().st_size,
+        assert output["file"] == {"key": "outputs/task-1/video.mp4", "contentType": "video/mp4",
+                                  "size": (tmp_path / "storage/outputs/task-1/video.mp4").stat().st_size,
                                   "name": "video.mp4"}
         assert (output["durationSeconds"], output["fps"], output["width"], output["height"]) == (2.0, 12, 320, 240)
         assert output["encoder"] == "libx264"

@@ -12,7 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import redis
 from falcon import testing
 from PIL import Image
 from sqlalchemy import select
@@ -20,7 +19,7 @@ from sqlalchemy import select
 from api.app import create_app
 from models import Transaction
 from settings import Settings
-from tests.conftest import bearer, worker_env
+from tests.conftest import bearer, isolated_broker, worker_env
 from tests.support.workers import CeleryWorker, wait_for
 from worker.processors.base import InputFile, PermanentError, ProcessContext, TransientError
 from worker.processors.remote import describe_image
@@ -205,9 +204,7 @@ ISOLATED_REDIS_DB = 10  # a broker database no other test's worker consumes
 
 @pytest.fixture(scope="module")
 def isolated_settings(e2e_settings):
-    settings = e2e_settings.with_(broker_url=e2e_settings.broker_url.rsplit("/", 1)[0] + f"/{ISOLATED_REDIS_DB}")
-    redis.Redis.from_url(settings.broker_url).flushdb()
-    return settings
+    return isolated_broker(e2e_settings, ISOLATED_REDIS_DB)
 
 
 @pytest.fixture(scope="module")

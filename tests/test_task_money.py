@@ -4,9 +4,7 @@ threads race on one task."""
 
 from __future__ import annotations
 
-import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
@@ -18,6 +16,7 @@ from models.credits import ledger_sum, post_entry
 from models.db import session_scope
 from models.tasks import cancel_task, complete_task, fail_task, start_task, submit_task
 from models.users import initialize_user
+from tests.support.concurrency import at_once
 
 
 def new_user(session, clerk_id=None, plan="free") -> User:
@@ -158,17 +157,6 @@ class TestDatabaseRefusesDoubleMoney:
             session.flush()
 
 
-def _run_threads(n, fn):
-    barrier = threading.Barrier(n)
-
-    def run(i):
-        barrier.wait()
-        return fn(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
-
-
 class TestConcurrentTransitions:
     """Committed data, many threads on one task at once (each with its own connection)."""
 
@@ -186,7 +174,7 @@ class TestConcurrentTransitions:
             with session_scope(e2e_db) as s:
                 return start_task(s, task_id) is not None
 
-        assert sum(_run_threads(20, start)) == 1
+        assert sum(at_once(20, start)) == 1
         with e2e_db() as s:
             assert len(charges(s, task_id)) == 1
             assert s.get(User, user_id).credits == ledger_sum(s, user_id) == 499
@@ -206,7 +194,7 @@ class TestConcurrentTransitions:
                 except Exception:
                     return False
 
-        assert sum(_run_threads(20, finish)) == 1
+        assert sum(at_once(20, finish)) == 1
         with e2e_db() as s:
             assert len(refunds(s, task_id)) == 1
             assert s.get(User, user_id).credits == ledger_sum(s, user_id) == 500
@@ -230,7 +218,7 @@ class TestConcurrentTransitions:
                     except Exception:
                         return None
 
-            winners = [w for w in _run_threads(2, act) if w]
+            winners = [w for w in at_once(2, act) if w]
             assert len(winners) == 1
             outcomes.add(winners[0])
             with e2e_db() as s:

@@ -6,7 +6,6 @@ import io
 import uuid
 
 import pytest
-import redis
 from falcon import testing
 from PIL import Image
 from sqlalchemy import select
@@ -14,7 +13,7 @@ from sqlalchemy import select
 from api.app import create_app
 from celeryconfig import DEFAULT_TIME_LIMITS, time_limits_from_env
 from models import Transaction
-from tests.conftest import bearer, worker_env
+from tests.conftest import bearer, isolated_broker, worker_env
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
 
@@ -41,9 +40,7 @@ ISOLATED_REDIS_DB = 11  # a broker database no other test's worker consumes
 
 @pytest.fixture(scope="module")
 def isolated_settings(e2e_settings):
-    settings = e2e_settings.with_(broker_url=e2e_settings.broker_url.rsplit("/", 1)[0] + f"/{ISOLATED_REDIS_DB}")
-    redis.Redis.from_url(settings.broker_url).flushdb()
-    return settings
+    return isolated_broker(e2e_settings, ISOLATED_REDIS_DB)
 
 
 @pytest.fixture(scope="module")
