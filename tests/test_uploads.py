@@ -239,7 +239,7 @@ class TestUploadAsTaskInput:
         assert task["status"] == "completed", task
         assert isinstance(task["output"], dict)
 
-    def test_another_users_upload_fails_the_task_and_refunds(self, isolated_client, real_worker, make_token):
+    def test_another_users_upload_is_refused_at_submission(self, isolated_client, make_token):
         client = isolated_client
         owner, thief = bearer(make_token()), bearer(make_token())
         for headers in (owner, thief):
@@ -247,13 +247,30 @@ class TestUploadAsTaskInput:
         upload = post_raw(client, owner, image_bytes()).json["upload"]
         r = client.simulate_post("/api/tasks/create", headers=thief,
                                  json={"type": "image_analysis", "input": upload["id"]})
-        if r.status_code == 404:  # the API already checks ownership (check_inputs_owned)
-            assert r.json["code"] == "upload_not_found"
-            return
-        assert r.status_code == 201, r.json
-        task_id = r.json["task"]["id"]
-        task = wait_for(lambda: (t := client.simulate_get(f"/api/tasks/{task_id}", headers=thief).json["task"])
-                        ["status"] in ("completed", "failed") and t, timeout=60, message="task final")
-        assert task["status"] == "failed" and task["errorCode"] == "input_not_found", task
+        assert r.status_code == 404 and r.json["code"] == "upload_not_found"
+
+    def test_the_worker_refuses_another_users_upload_too_and_refunds(
+        self, isolated_client, isolated_settings, real_worker, make_token, e2e_db
+    ):
+        """Belt and braces: a task that names someone else's upload (admitted before the
+        API check existed, or re-queued by an operator) fails in the worker and refunds."""
+        import uuid as uuid_lib
+
+        from models import User
+        from models.db import session_scope
+        from models.tasks import submit_task
+
+        client = isolated_client
+        owner, thief = bearer(make_token()), bearer(make_token())
+        for headers in (owner, thief):
+            assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+        upload = post_raw(client, owner, image_bytes()).json["upload"]
+        thief_id = uuid_lib.UUID(client.simulate_get("/api/users/me", headers=thief).json["user"]["id"])
+        with session_scope(e2e_db) as s:
+            task, _ = submit_task(s, s.get(User, thief_id), "image_analysis", upload["id"], {})
+        TaskQueue(create_celery(isolated_settings)).send("image_analysis", task.id)
+        task_json = wait_for(lambda: (t := client.simulate_get(f"/api/tasks/{task.id}", headers=thief).json["task"])
+                             ["status"] in ("completed", "failed") and t, timeout=60, message="task final")
+        assert task_json["status"] == "failed" and task_json["errorCode"] == "input_not_found", task_json
         credits = client.simulate_get("/api/users/credits", headers=thief).json
         assert credits["credits"] == 20  # charged, then refunded
