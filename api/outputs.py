@@ -7,10 +7,10 @@ import logging
 import falcon
 
 from models.errors import OutputNotReady, TaskNotFound
-from models.tasks import get_task
+from models.tasks import get_task_of
 from models.uploads import sniff_content_type
 
-from .context import current_user, parse_uuid
+from .context import parse_uuid
 from .serialize import output_file, output_file_type
 
 log = logging.getLogger("studiox.api")
@@ -21,8 +21,9 @@ class TaskOutputResource:
         self.storage = storage
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
-        # get_task answers 404 task_not_found for another user's task, as for a missing one.
-        task = get_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound))
+        # Another user's task is a 404 task_not_found, as for a missing one.
+        task = get_task_of(req.context.session, req.context.identity.clerk_id,
+                           parse_uuid(task_id, not_found=TaskNotFound))
         file = output_file(task) if task.status == "completed" else None
         if file is None:
             raise OutputNotReady("The task has no output file yet" if task.status != "completed"

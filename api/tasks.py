@@ -8,7 +8,7 @@ from models.db import on_commit
 from models.errors import InvalidInput, TaskNotFound
 from models.params import validate_task_request
 from models.uploads import check_inputs_owned
-from models.tasks import admin_set_status, cancel_task, get_task, list_tasks, submit_task, task_stats
+from models.tasks import admin_set_status, cancel_task, get_task_of, list_tasks, submit_task, task_stats
 
 from .context import current_user, json_body, limit_param, parse_uuid
 from .serialize import task_json
@@ -63,7 +63,9 @@ class TaskStatsResource:
 
 class TaskResource:
     def on_get(self, req, resp, task_id: str) -> None:
-        task = get_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound))
+        # Polled by the frontend: one query, owner check included.
+        task = get_task_of(req.context.session, req.context.identity.clerk_id,
+                           parse_uuid(task_id, not_found=TaskNotFound))
         resp.media = {"task": task_json(task)}
 
 

@@ -9,6 +9,7 @@ stuck-task reaper uses the same test before failing a task.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+log = logging.getLogger(__name__)
 _KEY = "hashtextextended(:task_id, 0)"
 
 
@@ -47,9 +49,16 @@ def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) ->
         try:
             yield conn
         finally:
-            conn.rollback()
-            conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
-            conn.commit()
+            try:
+                conn.rollback()
+                conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
+                conn.commit()
+            except Exception:
+                # The connection broke (a time limit interrupted a query, the server went
+                # away): end its server session, which releases the lease, and let the
+                # original exception, if any, be the one that propagates.
+                log.warning("could not release the lease of task %s cleanly", task_id, exc_info=True)
+                conn.invalidate()
     finally:
         conn.close()
 

@@ -314,9 +314,12 @@ def admin_set_status(session: Session, task_id: uuid.UUID, status: str, message:
     return task
 
 
-def get_task(session: Session, user: User, task_id: uuid.UUID) -> AiTask:
-    """The user's own task; another user's is indistinguishable from a missing one (404)."""
-    task = session.scalar(select(AiTask).where(AiTask.id == task_id, AiTask.user_id == user.id))
+def get_task_of(session: Session, clerk_id: str, task_id: uuid.UUID) -> AiTask:
+    """The task if it belongs to the user with this clerk id, in one query (the hot read
+    of a polling frontend); another user's task is a 404 like a missing one."""
+    task = session.scalar(
+        select(AiTask).join(User, User.id == AiTask.user_id).where(AiTask.id == task_id, User.clerk_id == clerk_id)
+    )
     if task is None:
         raise TaskNotFound()
     return task
