@@ -60,7 +60,7 @@ def sqlalchemy_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    environment: str = "development"
+    environment: str = "production"
     database_url: str = ""
     broker_url: str = ""
     port: int = 8000
@@ -115,7 +115,9 @@ class Settings:
                 # Real environment variables win over `.env`.
                 load_dotenv(os.environ.get("STUDIOX_DOTENV", ".env"), override=False)
             env = dict(os.environ)
-        environment = env.get("APP_ENV", "development").strip().lower()
+        # Unset means production: forgetting APP_ENV must not switch on the development
+        # defaults (a public JWT secret). `make run` and the tests set it explicitly.
+        environment = (env.get("APP_ENV") or "production").strip().lower()
         if environment not in ENVIRONMENTS:
             raise ConfigError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, got {environment!r}")
         redis_url = env.get("REDIS_URL", "")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import falcon
+import falcon.media
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import create_engine, make_session_factory
+from models.params import check_storable
 from settings import Settings
 from storage import LocalStorage
 
@@ -46,6 +50,7 @@ def create_app(
         ],
     )
     app.req_options.strip_url_path_trailing_slash = True
+    app.req_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(loads=load_json_body)
     errors.install(app)
 
     app.add_route("/health", health.HealthResource(engine, queue))
@@ -65,6 +70,21 @@ def create_app(
     app.add_route("/api/uploads", uploads.UploadsResource(storage, settings))
     app.add_route("/api/uploads/{upload_id}", uploads.UploadResource())
     return app
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def load_json_body(text: str):
+    """Strict JSON for request bodies: no NaN/Infinity, no pathological nesting, and
+    nothing PostgreSQL cannot store (refused with 400 before any handler sees it)."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("the JSON body is nested too deeply") from None
+    check_storable(value)
+    return value
 
 
 def wsgi() -> falcon.App:

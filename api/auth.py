@@ -62,7 +62,8 @@ class JwksKeys:
             keys = self._client.get_signing_keys()
         except jwt.PyJWTError as exc:
             raise KeysUnavailable(str(exc)) from None
-        self._keys = {key.key_id: key.key for key in keys}
+        # Only RSA keys can verify RS256; a published EC/OKP key must not reach jwt.decode.
+        self._keys = {key.key_id: key.key for key in keys if key.key_type == "RSA"}
         self._fetched_at = time.monotonic()
 
     def _refresh(self, now: float) -> None:
@@ -133,7 +134,7 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise _unauthorized("Token has expired", "token_expired") from None
-        except jwt.PyJWTError as exc:
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # key/alg mismatches surface as TypeError
             raise _unauthorized(f"Invalid token: {exc}") from None
         parties = self.settings.jwt_authorized_parties
         if parties and claims.get("azp") not in parties:

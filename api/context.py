@@ -5,15 +5,10 @@ from __future__ import annotations
 import uuid
 
 import falcon
-from sqlalchemy.orm import Session
 
 from models import User
 from models.errors import InvalidInput
 from models.users import get_user
-
-
-def session_of(req: falcon.Request) -> Session:
-    return req.context.session
 
 
 def current_user(req: falcon.Request) -> User:

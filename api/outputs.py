@@ -31,7 +31,8 @@ class TaskOutputResource:
         key = file["key"]
         # A task serves only what was written under its own prefix, so a processor's bad
         # output can never hand one user another's upload or output.
-        if not key.startswith(f"outputs/{task.id}/") or not self.storage.exists(key):
+        if (not key.startswith(f"outputs/{task.id}/") or ".." in key.split("/")
+                or not self.storage.exists(key)):
             log.warning("task %s names an output file it cannot serve: %r", task.id, key)
             raise OutputNotReady("The task's output file is not available")
         stream = self.storage.open(key)

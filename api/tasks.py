@@ -7,8 +7,15 @@ import falcon
 from models.db import on_commit
 from models.errors import InvalidInput, TaskNotFound
 from models.params import validate_task_request
+from models.tasks import (
+    admin_set_status,
+    cancel_task,
+    get_task_of,
+    list_tasks,
+    submit_task,
+    task_stats,
+)
 from models.uploads import check_inputs_owned
-from models.tasks import admin_set_status, cancel_task, get_task_of, list_tasks, submit_task, task_stats
 
 from .context import current_user, json_body, limit_param, parse_uuid
 from .serialize import task_json
@@ -35,7 +42,7 @@ class CreateTaskResource:
             check_inputs_owned(session, user.id, task_type, input)
 
         task, created = submit_task(
-            session, user, task_type, body.get("input"), body.get("params") or {},
+            session, user, task_type, body.get("input"), {} if body.get("params") is None else body["params"],
             idempotency_key=key, validate=validate,
         )
         if created:

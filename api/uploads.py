@@ -23,7 +23,14 @@ from PIL import Image
 
 from models import Upload
 from models.errors import InvalidInput, UploadNotFound
-from models.uploads import ImageTooLarge, InvalidImage, UnsupportedMediaType, add_upload, get_upload, sniff_content_type
+from models.uploads import (
+    ImageTooLarge,
+    InvalidImage,
+    UnsupportedMediaType,
+    add_upload,
+    get_upload,
+    sniff_content_type,
+)
 
 from .context import current_user, parse_uuid
 from .serialize import iso
@@ -78,7 +85,9 @@ def inspect_image(path: Path, max_pixels: int) -> ImageInfo:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise too_large from None
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error… on bad data
-        raise InvalidImage(f"The file is not a readable {pil_format} image ({exc})"[:300]) from None
+        # Pillow's message may name our temporary file: keep the server's paths out of it.
+        detail = str(exc).replace(str(path), "the file")
+        raise InvalidImage(f"The file is not a readable {pil_format} image ({detail})"[:300]) from None
     if width <= 0 or height <= 0:
         raise InvalidImage("The image has no pixels")
     return ImageInfo(content_type, width, height)

@@ -61,8 +61,3 @@ def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) ->
                 conn.invalidate()
     finally:
         conn.close()
-
-
-def lease_is_free(engine: Engine, task_id: uuid.UUID) -> bool:
-    with task_lease(engine, task_id) as conn:
-        return conn is not None

@@ -373,14 +373,26 @@ def normalize_params(task_type: str, params: dict[str, Any] | None) -> dict[str,
 
 # --- inputs ----------------------------------------------------------------------------------
 
-def _check_source(value: Any, where: str) -> None:
-    if isinstance(value, str):
-        if not value.strip() or len(value) > 2048:
-            raise InvalidInput(f"{where} must be an upload id or an http(s) URL", code="invalid_input")
-        return
-    if isinstance(value, dict) and (isinstance(value.get("uploadId"), str) or isinstance(value.get("url"), str)):
-        return
-    raise InvalidInput(f"{where} must be an upload id, an http(s) URL, or {{uploadId}} / {{url}}", code="invalid_input")
+def source_ref(source: Any, where: str = "input") -> tuple[str, str]:
+    """Read one input source as ("upload", id) or ("url", http(s) URL); InvalidInput otherwise.
+
+    The one reading of a source shared by admission, the ownership check and the worker.
+    """
+    if isinstance(source, dict) and isinstance(source.get("uploadId"), str):
+        kind, ref = "upload", source["uploadId"].strip()
+    elif isinstance(source, dict) and isinstance(source.get("url"), str):
+        kind, ref = "url", source["url"].strip()
+    elif isinstance(source, str):
+        ref = source.strip()
+        kind = "url" if "://" in ref else "upload"
+    else:
+        raise InvalidInput(f"{where} must be an upload id, an http(s) URL, or {{uploadId}} / {{url}}",
+                           code="invalid_input")
+    if not ref or len(ref) > 2048:
+        raise InvalidInput(f"{where} must be an upload id or an http(s) URL", code="invalid_input")
+    if kind == "url" and not ref.lower().startswith(("http://", "https://")):
+        raise InvalidInput(f"{where} must be an upload id or an http(s) URL", code="invalid_input")
+    return kind, ref
 
 
 def input_sources(task_type: str, input: Any) -> list[Any]:
@@ -401,6 +413,30 @@ def validate_task_request(task_type: str, input: Any, params: dict[str, Any]) ->
     if input is None:
         raise InvalidInput("input is required", code="invalid_input")
     for index, source in enumerate(input_sources(task_type, input)):
-        _check_source(source, "input" if not isinstance(input, (list, dict)) or task_type != "video_generation"
+        source_ref(source, "input" if not isinstance(input, (list, dict)) or task_type != "video_generation"
                       else f"input[{index}]")
     normalize_params(task_type, params)
+
+
+def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input") -> None:
+    """Refuse what PostgreSQL's JSON and text columns cannot hold: NUL characters, lone
+    surrogates, NaN and infinities (Python's json accepts all of them)."""
+    stack = [value]
+    while stack:  # iterative: a deeply nested body must not overflow the stack
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidInput(f"The {what} holds a NUL character", code=code)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"The {what} holds an invalid Unicode character", code=code) from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"The {what} holds NaN or an infinity", code=code)
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            raise InvalidInput(f"The {what} holds a value that is not JSON", code=code)

@@ -46,10 +46,14 @@ from .errors import (
     TaskNotFound,
     TooManyTasksInFlight,
 )
+from .params import check_storable
 from .plans import TASK_TYPES, get_plan, task_cost
 from .users import User, lock_user
 
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+# Starts of one task (first delivery, retries, redeliveries after a dead worker) before it
+# is failed and refunded.
+MAX_ATTEMPTS = 5
 FINAL_STATUSES = ("completed", "failed", "cancelled")
 IN_FLIGHT = ("pending", "processing")
 
@@ -131,7 +135,7 @@ def submit_task(
     reservations and an Idempotency-Key retried at once finds the first row. Returns
     (task, created); nothing is charged here, the worker charges when it starts.
     """
-    params = params or {}
+    params = {} if params is None else params
     if task_type not in TASK_TYPES:
         raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
     if not isinstance(params, dict):
@@ -217,7 +221,13 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
             session.flush()
             return None
         task.status, task.started_at = "processing", utcnow()
-    elif not (task.status == "processing" and may_resume):
+    elif task.status == "processing" and may_resume:
+        if task.attempt >= MAX_ATTEMPTS:
+            # A task that keeps killing its worker (out of memory, a crashing decoder) would
+            # otherwise be redelivered forever while charged: give up and refund.
+            fail_task(session, task.id, "The task stopped its worker repeatedly and was given up", "worker_lost")
+            return None
+    else:
         return None
     task.attempt += 1
     session.flush()
@@ -243,7 +253,12 @@ def task_status(session: Session, task_id: uuid.UUID) -> str | None:
 
 
 def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) -> bool:
-    """Store the output if the task is still processing; False means drop the result."""
+    """Store the output if the task is still processing; False means drop the result.
+
+    Raises InvalidInput (code output_invalid) for an output PostgreSQL cannot store (NUL
+    characters, lone surrogates, NaN), so the caller fails and refunds instead.
+    """
+    check_storable(output, "output", code="output_invalid")
     # One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel
     # it re-checks `status` on the newest row version, so exactly one of the two acts.
     done = session.execute(

@@ -10,8 +10,8 @@ from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, se
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
-from .errors import DomainError, InvalidInput, UploadNotFound
-from .params import input_sources
+from .errors import DomainError, UploadNotFound
+from .params import input_sources, source_ref
 
 
 class Upload(Base):
@@ -96,26 +96,13 @@ def get_upload(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> Up
     return upload
 
 
-def _upload_ref(source: Any) -> str | None:
-    """The upload id a task input source names, or None when it is a URL (the worker's
-    resolve_inputs reads sources the same way)."""
-    if isinstance(source, dict):
-        return source["uploadId"] if isinstance(source.get("uploadId"), str) else None
-    text = str(source).strip()
-    if text.lower().startswith(("http://", "https://")):
-        return None
-    if "://" in text:
-        raise InvalidInput("An input must be an upload id or an http(s) URL", code="invalid_input")
-    return text
-
-
 def check_inputs_owned(session: Session, user_id: uuid.UUID, task_type: str, input: Any) -> None:
     """Every upload a task input names exists and belongs to the user; otherwise 404.
 
     The worker checks again when it resolves the inputs (an upload could be deleted in
     between); this check only spares the user a charge-and-refund for a typo.
     """
-    refs = [ref for ref in map(_upload_ref, input_sources(task_type, input)) if ref is not None]
+    refs = [ref for kind, ref in map(source_ref, input_sources(task_type, input)) if kind == "upload"]
     if not refs:
         return
     ids: set[uuid.UUID] = set()

@@ -5,7 +5,15 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Computed, ForeignKey, Integer, String, func, select
+from sqlalchemy import (
+    CheckConstraint,
+    Computed,
+    ForeignKey,
+    Integer,
+    String,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -33,10 +41,6 @@ class User(Base):
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
-
-
-def find_user(session: Session, clerk_id: str) -> User | None:
-    return session.scalar(select(User).where(User.clerk_id == clerk_id))
 
 
 def get_user(session: Session, clerk_id: str, *, for_update: bool = False) -> User:

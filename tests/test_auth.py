@@ -195,6 +195,28 @@ class TestJwksVerification:
         assert result.json == {"error": result.json["error"], "statusCode": 503, "code": "auth_unavailable"}
 
 
+class EcKey:
+    """An EC key published in the same JWKS (issuers may publish several key types)."""
+
+    def __init__(self, kid: str):
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.kid = kid
+        self.private = ec.generate_private_key(ec.SECP256R1())
+
+    def jwk(self) -> dict:
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
+        return {**jwk, "kid": self.kid, "use": "sig", "alg": "ES256"}
+
+
+class TestNonRsaKeysInTheJwks:
+    def test_token_claiming_rs256_with_an_ec_kid_is_401_not_500(self, jwks_client, jwks, key1):
+        jwks.keys = [key1, EcKey("ec-1")]
+        forged = key1.sign(claims(), kid="ec-1")
+        assert_unauthorized(jwks_client.simulate_get("/api/users/me", headers=bearer(forged)))
+        assert accepted(jwks_client, key1.sign(claims()))
+
+
 class TestPemPublicKey:
     def test_valid_rs256_token_verified_with_pem_key_is_accepted(self, make_client, key1):
         client = make_client(jwt_public_key=key1.public_pem, jwt_secret="")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-
 from models import AiTask
 from models.db import on_commit
 from models.tasks import submit_task

@@ -8,7 +8,11 @@ import pytest
 
 from models.errors import InvalidInput
 from models.params import (
-    MAX_EDIT_OPERATIONS, normalize_analysis_params, normalize_edit_params, normalize_video_params, parse_color,
+    MAX_EDIT_OPERATIONS,
+    normalize_analysis_params,
+    normalize_edit_params,
+    normalize_video_params,
+    parse_color,
     validate_task_request,
 )
 

@@ -233,3 +233,29 @@ class TestIdempotencyUnderConcurrency:
         assert credits["reserved"] in (0, 1)  # 1 while pending (no worker runs in this test)
         with e2e_db() as s:
             assert s.scalar(select(func.count()).select_from(AiTask).where(AiTask.user_id == c.id)) == 1
+
+
+class TestTasksThatCannotFinish:
+    def _run_with(self, processor, customer, private_broker, tmp_path, timeout=90):
+        settings, client = private_broker
+        c = customer(client=client)
+        env = worker_env(settings, PROCESSOR_OVERRIDES=f"image_analysis=tests.support.processors:{processor}")
+        with CeleryWorker(env, queues=("image_analysis",), concurrency=1, name=processor,
+                          log_path=tmp_path / "w.log").start(create_celery(settings)):
+            task_id = c.submit().json["task"]["id"]
+            return c, c.wait_final(task_id, timeout=timeout)
+
+    def test_a_task_that_keeps_killing_its_worker_is_given_up_and_refunded(
+        self, customer, private_broker, tmp_path, e2e_db
+    ):
+        from models.tasks import MAX_ATTEMPTS
+
+        c, task = self._run_with("dies", customer, private_broker, tmp_path)
+        assert task["status"] == "failed" and task["errorCode"] == "worker_lost", task
+        assert task["attempt"] == MAX_ATTEMPTS
+        assert_money_consistent(e2e_db, c.id)
+
+    def test_an_output_postgresql_cannot_store_fails_and_refunds(self, customer, private_broker, tmp_path, e2e_db):
+        c, task = self._run_with("unstorable", customer, private_broker, tmp_path, timeout=30)
+        assert task["status"] == "failed" and task["errorCode"] == "output_invalid", task
+        assert_money_consistent(e2e_db, c.id)

@@ -14,8 +14,11 @@ from PIL.TiffImagePlugin import IFDRational as Fraction
 
 from tests.support.context import Recorder, make_ctx
 from worker.processors.base import Cancelled, InputFile, PermanentError
-from worker.processors.image_analysis import _dct_matrix, analyse_image, hamming_distance
-
+from worker.processors.image_analysis import (
+    _dct_matrix,
+    analyse_image,
+    hamming_distance,
+)
 
 # --- images ----------------------------------------------------------------------------------
 

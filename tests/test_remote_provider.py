@@ -21,7 +21,12 @@ from models import Transaction
 from settings import Settings
 from tests.conftest import bearer, isolated_broker, worker_env
 from tests.support.workers import CeleryWorker, wait_for
-from worker.processors.base import InputFile, PermanentError, ProcessContext, TransientError
+from worker.processors.base import (
+    InputFile,
+    PermanentError,
+    ProcessContext,
+    TransientError,
+)
 from worker.processors.remote import describe_image
 from worker.queue import TaskQueue, create_celery
 

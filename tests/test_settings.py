@@ -8,8 +8,9 @@ import pytest
 
 from settings import DEV_JWT_SECRET, ConfigError, Settings, sqlalchemy_url
 
-BASE = {"DATABASE_URL": "postgresql://app:pw@db.internal:5432/studiox", "REDIS_URL": "redis://cache.internal:6379/0"}
-PRODUCTION = {**BASE, "APP_ENV": "production", "JWT_JWKS_URL": "https://clerk.example.com/.well-known/jwks.json"}
+SERVERS = {"DATABASE_URL": "postgresql://app:pw@db.internal:5432/studiox", "REDIS_URL": "redis://cache.internal:6379/0"}
+BASE = {**SERVERS, "APP_ENV": "development"}
+PRODUCTION = {**SERVERS, "APP_ENV": "production", "JWT_JWKS_URL": "https://clerk.example.com/.well-known/jwks.json"}
 
 
 def from_env(**env: str) -> Settings:
@@ -65,6 +66,17 @@ class TestProductionRefusesInsecureConfig:
         assert settings.jwt_authorized_parties == ("https://app.example.com", "https://x.example.com")
 
 
+class TestUnsetEnvironmentIsProduction:
+    def test_forgetting_app_env_does_not_enable_the_development_secret(self):
+        with pytest.raises(ConfigError, match="JWT"):
+            from_env(**SERVERS)
+
+    def test_unset_app_env_with_real_keys_is_production(self):
+        settings = from_env(**SERVERS, JWT_JWKS_URL="https://clerk.example.com/.well-known/jwks.json")
+        assert settings.environment == "production" and not settings.is_development
+        assert settings.jwt_secret == ""
+
+
 class TestDevelopmentDefaults:
     def test_development_works_with_only_database_and_broker(self):
         settings = from_env(**BASE)
@@ -84,7 +96,7 @@ class TestDevelopmentDefaults:
         assert settings.broker_url == "amqp://guest:guest@rabbit:5672//"
 
     def test_explicit_values_are_read(self):
-        settings = from_env(**BASE, APP_ENV="test", PORT="9001", JWT_SECRET="s" * 40, FRONTEND_URL="https://app.example.com/",
+        settings = from_env(**SERVERS, APP_ENV="test", PORT="9001", JWT_SECRET="s" * 40, FRONTEND_URL="https://app.example.com/",
                             JWT_PUBLIC_KEY="-----BEGIN PUBLIC KEY-----\\nABC\\n-----END PUBLIC KEY-----")
         assert settings.port == 9001
         assert settings.jwt_secret == "s" * 40

@@ -46,6 +46,10 @@ class TestCreateTask:
         ({"type": "image_analysis", "input": 12}, "invalid_input"),
         ({"type": "image_analysis", "input": "x", "params": [1]}, "invalid_params"),
         ({"type": "video_generation", "input": "x", "params": {"duration": -1}}, "invalid_params"),
+        ({"type": "image_analysis", "input": "x", "params": []}, "invalid_params"),
+        ({"type": "image_analysis", "input": "x", "params": ""}, "invalid_params"),
+        ({"type": "image_analysis", "input": {"url": "file:///etc/passwd"}}, "invalid_input"),
+        ({"type": "image_analysis", "input": "ftp://example.com/a.png"}, "invalid_input"),
     ])
     def test_invalid_request_is_400_with_a_code(self, client, user_headers, body, code):
         r = create(client, user_headers, body)
@@ -80,6 +84,25 @@ class TestCreateTask:
         assert create(client, user_headers, {"type": "advanced_editing", "input": "https://example.com/x.jpg"}).status_code == 201  # 2
         r = create(client, user_headers, {"type": "advanced_editing", "input": "https://example.com/y.jpg"})  # 2 more, 1 left
         assert r.status_code == 402
+
+
+class TestBodiesPostgreSQLCannotStore:
+    @pytest.mark.parametrize("body, code", [
+        ('{"type": "image_analysis", "input": "https://x.test/a\\u0000.png"}', "invalid_input"),
+        ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"k": "\\ud800"}}', "invalid_input"),
+        ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"q": NaN}}', "invalid_json"),
+        ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"q": -Infinity}}', "invalid_json"),
+        ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+    ])
+    def test_refused_with_400_not_500(self, client, user_headers, body, code):
+        r = client.simulate_post("/api/tasks/create", headers={**user_headers, "Content-Type": "application/json"},
+                                 body=body)
+        assert r.status_code == 400 and r.json["code"] == code, r.json
+
+    def test_initialize_refuses_a_nul_in_the_name(self, client, make_token):
+        r = client.simulate_post("/api/users/initialize", headers=bearer(make_token()),
+                                 body='{"name": "a\\u0000b"}', content_type="application/json")
+        assert r.status_code == 400 and r.json["code"] == "invalid_input"
 
 
 class TestIdempotencyKey:

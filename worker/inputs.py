@@ -9,21 +9,10 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.errors import UploadNotFound
-from models.params import input_sources
+from models.params import input_sources, source_ref
 from models.uploads import get_upload
 
 from .processors.base import InputFile, PermanentError
-
-
-def _source_ref(source: Any) -> tuple[str, str]:
-    if isinstance(source, dict):
-        if isinstance(source.get("uploadId"), str):
-            return "upload", source["uploadId"]
-        return "url", source["url"]
-    text = str(source).strip()
-    if text.lower().startswith(("http://", "https://")):
-        return "url", text
-    return "upload", text
 
 
 def resolve_inputs(
@@ -32,7 +21,7 @@ def resolve_inputs(
     """Upload ids must belong to the task's owner; URLs are fetched with the SSRF guard."""
     files: list[InputFile] = []
     for index, source in enumerate(input_sources(task_type, input)):
-        kind, ref = _source_ref(source)
+        kind, ref = source_ref(source)
         if kind == "upload":
             try:
                 upload = get_upload(session, user_id, uuid.UUID(ref))

@@ -8,9 +8,14 @@ from datetime import timedelta
 
 from celeryconfig import TIME_LIMITS
 from models.credits import reset_plan_credits, users_due_for_reset
-from models.db import session_scope
-from models.leases import lease_is_free
-from models.tasks import fail_task, lost_pending_tasks, mark_enqueued, stuck_processing_tasks
+from models.db import make_session_factory, session_scope
+from models.leases import task_lease
+from models.tasks import (
+    fail_task,
+    lost_pending_tasks,
+    mark_enqueued,
+    stuck_processing_tasks,
+)
 
 from . import runtime
 from .app import app
@@ -57,8 +62,10 @@ def reap_stuck_tasks() -> int:
     with session_scope(runtime.sessions()) as session:
         candidates = stuck_processing_tasks(session, limits)
     for task_id in candidates:
-        if not lease_is_free(runtime.engine(), task_id):
-            continue
-        with session_scope(runtime.sessions()) as session:
-            reaped += fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
+        # Fail it while holding its lease, so a redelivery cannot start it in between.
+        with task_lease(runtime.engine(), task_id) as lease:
+            if lease is None:
+                continue  # a live runner holds it
+            with session_scope(make_session_factory(lease)) as session:
+                reaped += fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
     return reaped

@@ -17,13 +17,27 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from models.db import make_session_factory, session_scope
+from models.errors import DomainError
 from models.leases import task_lease
-from models.tasks import TaskWork, complete_task, fail_task, report_progress, start_task, task_status
+from models.tasks import (
+    TaskWork,
+    complete_task,
+    fail_task,
+    report_progress,
+    start_task,
+    task_status,
+)
 
 from . import runtime
 from .app import app
 from .inputs import resolve_inputs
-from .processors import Cancelled, PermanentError, ProcessContext, TransientError, get_processor
+from .processors import (
+    Cancelled,
+    PermanentError,
+    ProcessContext,
+    TransientError,
+    get_processor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +115,8 @@ def run_ai_task(celery_task, task_id: str) -> str:
             return "stale"
         try:
             output = _process(work, sessions)
+            with session_scope(sessions) as session:
+                completed = complete_task(session, tid, output)
         except Cancelled:
             return "cancelled"
         except TransientError as exc:
@@ -109,7 +125,7 @@ def run_ai_task(celery_task, task_id: str) -> str:
                 raise celery_task.retry(exc=exc, countdown=2 ** celery_task.request.retries, max_retries=MAX_RETRIES)
             _fail(tid, exc.message, exc.code)
             return "failed"
-        except PermanentError as exc:
+        except (PermanentError, DomainError) as exc:  # DomainError: an output we cannot store
             _fail(tid, exc.message, exc.code)
             return "failed"
         except SoftTimeLimitExceeded:
@@ -119,8 +135,6 @@ def run_ai_task(celery_task, task_id: str) -> str:
             log.exception("task %s failed", tid)
             _fail(tid, "Processing failed unexpectedly", "processing_failed")
             return "failed"
-        with session_scope(sessions) as session:
-            completed = complete_task(session, tid, output)
         return "completed" if completed else "cancelled"
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from worker.processors.base import InputFile, PermanentError, ProcessContext, TransientError
+from worker.processors.base import (
+    InputFile,
+    PermanentError,
+    ProcessContext,
+    TransientError,
+)
 
 
 def sleepy(inputs: list[InputFile], params: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
@@ -26,6 +31,21 @@ def sleepy(inputs: list[InputFile], params: dict[str, Any], ctx: ProcessContext)
         time.sleep(float(params.get("sleep", 0)) / steps)
         ctx.progress(int(100 * (step + 1) / steps))
     return {"bytes": size, "steps": steps}
+
+
+def dies(inputs: list[InputFile], params: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
+    """Kills its own worker process, as an out-of-memory kill would, every time."""
+    import os
+    import signal
+
+    ctx.progress(10)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def unstorable(inputs: list[InputFile], params: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:
+    """Returns what a remote provider might: text PostgreSQL cannot store."""
+    return {"description": "a cat\x00", "score": float("nan")}
 
 
 def noop(inputs: list[InputFile], params: dict[str, Any], ctx: ProcessContext) -> dict[str, Any]:

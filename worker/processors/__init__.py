@@ -8,7 +8,15 @@ import importlib
 from functools import cache
 from typing import Any
 
-from .base import Cancelled, InputFile, PermanentError, ProcessContext, ProcessingError, Processor, TransientError
+from .base import (
+    Cancelled,
+    InputFile,
+    PermanentError,
+    ProcessContext,
+    ProcessingError,
+    Processor,
+    TransientError,
+)
 
 DEFAULT_PROCESSORS = {
     "image_analysis": "worker.processors.image_analysis:analyse_image",

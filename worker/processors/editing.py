@@ -21,7 +21,15 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from .base import InputFile, PermanentError, ProcessContext
 from .imaging import (
-    flatten, font, max_image_pixels, open_image, oriented, read_params, scratch_dir, store_output, to_working_mode,
+    flatten,
+    font,
+    max_image_pixels,
+    open_image,
+    oriented,
+    read_params,
+    scratch_dir,
+    store_output,
+    to_working_mode,
 )
 
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}

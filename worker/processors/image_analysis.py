@@ -34,7 +34,14 @@ from PIL import ExifTags, Image, TiffImagePlugin
 
 from .base import InputFile, ProcessContext
 from .imaging import (
-    flatten, max_image_pixels, open_image, orientation, oriented, read_params, stored_mode, stored_size,
+    flatten,
+    max_image_pixels,
+    open_image,
+    orientation,
+    oriented,
+    read_params,
+    stored_mode,
+    stored_size,
     to_working_mode,
 )
 

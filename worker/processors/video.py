@@ -33,7 +33,15 @@ from PIL import Image, ImageDraw
 
 from .base import Cancelled, InputFile, PermanentError, ProcessContext
 from .imaging import (
-    flatten, font, max_image_pixels, open_image, oriented, read_params, scratch_dir, store_output, to_working_mode,
+    flatten,
+    font,
+    max_image_pixels,
+    open_image,
+    oriented,
+    read_params,
+    scratch_dir,
+    store_output,
+    to_working_mode,
 )
 
 STDERR_TAIL_CHARS = 2000
