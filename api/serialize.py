@@ -6,7 +6,7 @@ import mimetypes
 from datetime import datetime
 from typing import Any
 
-from models import AiTask, Plan, Transaction, User
+from models import AiTask, Plan, Transaction, Upload, User
 from models.credits import CreditSummary
 from models.plans import price_list
 
@@ -114,4 +114,17 @@ def task_json(task: AiTask) -> dict[str, Any]:
         "outputUrl": f"/api/tasks/{task.id}/output" if file is not None else None,
         "outputSize": file.get("size") if file is not None and isinstance(file.get("size"), int) else None,
         "outputType": output_file_type(file) if file is not None else None,
+    }
+
+
+def upload_json(upload: Upload) -> dict[str, Any]:
+    return {
+        "id": str(upload.id),
+        "contentType": upload.content_type,
+        "size": upload.size,
+        "width": upload.width,
+        "height": upload.height,
+        "filename": upload.filename,
+        "sha256": upload.sha256,
+        "createdAt": iso(upload.created_at),
     }

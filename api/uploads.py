@@ -16,14 +16,14 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import falcon
 from PIL import Image
 
-from models import Upload
 from models.errors import InvalidInput, UploadNotFound
 from models.uploads import (
+    IMAGE_FORMATS,
     ImageTooLarge,
     InvalidImage,
     UnsupportedMediaType,
@@ -33,16 +33,11 @@ from models.uploads import (
 )
 
 from .context import current_user, parse_uuid
-from .serialize import iso
+from .serialize import upload_json
 
 CHUNK = 1 << 16
 # Multipart framing (boundaries, part headers, small fields) comes on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
-# Pillow decoder per sniffed type: the decoder must agree with the magic number.
-IMAGE_FORMATS = {
-    "image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WEBP",
-    "image/bmp": "BMP", "image/tiff": "TIFF",
-}
 # Images up to this size are decoded in full as a last check (JPEGs at a reduced scale);
 # larger ones only get Pillow's structural verify(), to keep the API's memory bounded.
 FULL_DECODE_PIXELS = 16_000_000
@@ -119,19 +114,6 @@ def copy_capped(source: BinaryIO, out: BinaryIO, limit: int) -> tuple[int, str]:
             raise _too_large(limit)
         digest.update(chunk)
         out.write(chunk)
-
-
-def upload_json(upload: Upload) -> dict[str, Any]:
-    return {
-        "id": str(upload.id),
-        "contentType": upload.content_type,
-        "size": upload.size,
-        "width": upload.width,
-        "height": upload.height,
-        "filename": upload.filename,
-        "sha256": upload.sha256,
-        "createdAt": iso(upload.created_at),
-    }
 
 
 class UploadsResource:

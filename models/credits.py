@@ -263,19 +263,10 @@ class CreditSummary:
     next_reset_at: datetime | None
 
 
-def reserved_credits(session: Session, user_id: uuid.UUID) -> int:
-    """Credits promised to the user's pending tasks (they are charged when a worker starts them)."""
-    from .tasks import AiTask
-
-    return session.scalar(
-        select(func.coalesce(func.sum(AiTask.credits_used), 0)).where(
-            AiTask.user_id == user_id, AiTask.status == "pending"
-        )
-    )
-
-
 def credit_summary(session: Session, user: User) -> CreditSummary:
-    reserved = reserved_credits(session, user.id)
+    from .tasks import in_flight_and_reserved
+
+    _, reserved = in_flight_and_reserved(session, user.id)
     return CreditSummary(
         credits=user.credits,
         plan_credits=user.plan_credits,

@@ -119,6 +119,16 @@ def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None =
     return session.scalar(query)
 
 
+def in_flight_and_reserved(session: Session, user_id: uuid.UUID) -> tuple[int, int]:
+    """The user's tasks in flight, and the credits promised to the pending ones (charged
+    when a worker starts them), in one query served by the in-flight index."""
+    count, reserved = session.execute(
+        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
+        .where(AiTask.user_id == user_id, AiTask.status.in_(IN_FLIGHT))
+    ).one()
+    return int(count), int(reserved)
+
+
 def submit_task(
     session: Session,
     user: User,
@@ -158,10 +168,7 @@ def submit_task(
     plan = get_plan(session, user.plan_id)
     if not plan.allows(task_type):
         raise PlanDoesNotAllow(f"The {plan.name} plan does not include {task_type}")
-    in_flight, reserved = session.execute(
-        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
-        .where(AiTask.user_id == user.id, AiTask.status.in_(IN_FLIGHT))
-    ).one()
+    in_flight, reserved = in_flight_and_reserved(session, user.id)
     if in_flight >= plan.max_concurrent_tasks:
         raise TooManyTasksInFlight(
             f"Your plan allows {plan.max_concurrent_tasks} tasks in flight; wait for one to finish"
@@ -180,10 +187,9 @@ def submit_task(
     return task, True
 
 
-def mark_enqueued(session: Session, task_id: uuid.UUID) -> None:
-    session.execute(
-        AiTask.__table__.update().where(AiTask.id == task_id).values(enqueued_at=utcnow())
-    )
+def mark_enqueued(session: Session, task_ids: list[uuid.UUID]) -> None:
+    if task_ids:
+        session.execute(AiTask.__table__.update().where(AiTask.id.in_(task_ids)).values(enqueued_at=utcnow()))
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,14 @@ class ImageTooLarge(DomainError):
     code = "image_too_large"
 
 
+# The image formats the service accepts, by media type, with the Pillow decoder for each.
+# Pillow can open more (EPS hands the file to Ghostscript, for one); an upload is untrusted,
+# so only the common raster formats get through, at upload and again in the processors.
+IMAGE_FORMATS = {
+    "image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WEBP",
+    "image/bmp": "BMP", "image/tiff": "TIFF",
+}
+
 # Magic numbers of the formats the processors read. Sniffed from the bytes, never taken
 # from a file name or a client's Content-Type, which cost nothing to forge.
 _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (

@@ -43,11 +43,8 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
-def get_user(session: Session, clerk_id: str, *, for_update: bool = False) -> User:
-    query = select(User).where(User.clerk_id == clerk_id)
-    if for_update:
-        query = query.with_for_update()
-    user = session.scalar(query)
+def get_user(session: Session, clerk_id: str) -> User:
+    user = session.scalar(select(User).where(User.clerk_id == clerk_id))
     if user is None:
         raise UserNotFound()
     return user

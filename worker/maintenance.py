@@ -43,13 +43,12 @@ def sweep_lost_messages() -> int:
     task is harmless: the first delivery moves it out of `pending`, the other is dropped."""
     queue = TaskQueue(app)
     age = timedelta(seconds=runtime.settings().lost_message_after_seconds)
-    sent = 0
     with session_scope(runtime.sessions()) as session:
-        for task in lost_pending_tasks(session, age):
+        lost = lost_pending_tasks(session, age)
+        for task in lost:
             queue.send(task.type, task.id)
-            mark_enqueued(session, task.id)
-            sent += 1
-    return sent
+        mark_enqueued(session, [task.id for task in lost])
+    return len(lost)
 
 
 @app.task(name="maintenance.reap_stuck_tasks", ignore_result=True)

@@ -7,7 +7,7 @@ written through `ctx.storage`). It knows nothing of credits, queues or the datab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -57,7 +57,6 @@ class ProcessContext:
     task_id: str
     settings: Any = None
     workdir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def check_cancelled(self) -> None:
         if self.is_cancelled():

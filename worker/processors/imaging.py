@@ -18,14 +18,14 @@ from PIL import Image, ImageFont, ImageOps, UnidentifiedImageError, features
 
 from models.errors import InvalidInput
 from models.params import normalize_params
+from models.uploads import IMAGE_FORMATS
 
 from .base import PermanentError, ProcessContext
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-# Formats we decode. Pillow can open more (EPS hands the file to Ghostscript, for one);
-# an upload is untrusted, so only the common raster formats get through. (Multi-picture
-# JPEGs from phones open through the JPEG plugin and report the format "MPO".)
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The formats the service accepts (models.uploads), decoded by these Pillow plugins only.
+# (Multi-picture JPEGs from phones open through the JPEG plugin and report "MPO".)
+ALLOWED_FORMATS = tuple(IMAGE_FORMATS.values())
 ORIENTATION_TAG = 0x0112
 
 
