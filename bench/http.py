@@ -4,7 +4,7 @@ One gunicorn (`api.app:wsgi()`, gthread workers) serves both; the same load gene
 with the same number of keep-alive connections and the same duration runs against each
 in turn, on loopback. The load generator is `wrk` when it is installed (it costs the
 2-core box far less CPU than Python does) and a Python client otherwise: one thread per
-connection, each with its own `requests.Session`. `--generator python` forces the latter.
+connection, each with its own kept-alive http.client connection. `--generator python` forces the latter.
 
 Task reads go round-robin over several users' own tasks (each with its owner's token), so
 the route does its real work: verify the JWT, load the user, load the task by id and owner,
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads (default 4)")
     p.add_argument("--users", type=int, default=8, help="users whose tasks are read (default 8)")
     p.add_argument("--tasks-per-user", type=int, default=4, help="(default 4)")
-    p.add_argument("--rounds", type=int, default=1, help="measurements per endpoint, alternating; median (default 1)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measurements per endpoint, alternating; median (default 3: one round swings by 30%%)")
     p.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                    help="load generator (default: wrk if installed, else python)")
     # `python -m bench` passes its extra options to every benchmark; each takes its own.

@@ -23,6 +23,7 @@ For a per-phase breakdown of one task: `python -m bench.profile_pipeline --show-
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import threading
@@ -30,10 +31,11 @@ import time
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPException
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
-import requests
 from celery import Celery
 from sqlalchemy import text
 
@@ -92,36 +94,57 @@ class SubmitStats:
 
 
 def submit_tasks(base_url: str, users: list[BenchUser], n: int, task_type: str, threads: int) -> SubmitStats:
-    """Task i goes to user i % len(users); client thread t submits tasks t, t+threads, ..."""
+    """Task i goes to user i % len(users)."""
+    bodies = [json.dumps({"type": task_type, "input": str(u.upload_id), "params": {}}).encode() for u in users]
+    headers = [{**u.headers, "Content-Type": "application/json"} for u in users]
+    return post_many(base_url, "/api/tasks/create", bodies, headers, n, threads)
+
+
+def post_many(base_url: str, path: str, bodies: list[bytes], headers: list[dict[str, str]], n: int,
+              threads: int) -> SubmitStats:
+    """N POSTs, request i with bodies[i % len] and headers[i % len]; client thread t sends
+    requests t, t+threads, ... and collects the `task.id` of each 201.
+
+    The client is http.client on a kept-alive connection with bodies encoded before the
+    clock: on a small machine every millisecond the load generator spends is taken from
+    the API and the workers it measures (as `wrk` is used for the HTTP benchmark).
+    """
     stats = SubmitStats()
     lock = threading.Lock()
     barrier = threading.Barrier(threads)
+    url = urlsplit(base_url)
 
     def run(t: int) -> None:
         ids, lat, too_many, errors = [], [], 0, []
-        with requests.Session() as http:
-            http.get(f"{base_url}/health", timeout=10)  # connect before the clock
-            barrier.wait()
+        http = HTTPConnection(url.hostname, url.port, timeout=30)
+        http.request("GET", "/health")  # connect before the clock
+        http.getresponse().read()
+        barrier.wait()
+        try:
             for i in range(t, n, threads):
-                user = users[i % len(users)]
-                body = {"type": task_type, "input": str(user.upload_id), "params": {}}
+                body, head = bodies[i % len(bodies)], headers[i % len(headers)]
                 while True:
                     began = time.perf_counter()
                     try:
-                        r = http.post(f"{base_url}/api/tasks/create", json=body, headers=user.headers, timeout=30)
-                    except requests.RequestException as exc:
+                        http.request("POST", path, body=body, headers=head)
+                        r = http.getresponse()
+                        data = r.read()
+                    except (OSError, HTTPException) as exc:
                         errors.append(repr(exc))
+                        http.close()
                         break
-                    if r.status_code == 201:
+                    if r.status == 201:
                         lat.append((time.perf_counter() - began) * 1000)
-                        ids.append(uuid.UUID(r.json()["task"]["id"]))
+                        ids.append(uuid.UUID(json.loads(data)["task"]["id"]))
                         break
-                    if r.status_code == 429:
+                    if r.status == 429:
                         too_many += 1
                         time.sleep(0.02)
                         continue
-                    errors.append(f"{r.status_code} {r.text[:200]}")
+                    errors.append(f"{r.status} {data[:200]!r}")
                     break
+        finally:
+            http.close()
         with lock:
             stats.task_ids += ids
             stats.latencies_ms += lat
@@ -234,6 +257,24 @@ def run_bare(client: Celery, r: redis.Redis, n: int, timeout: float) -> dict[str
     return {"tasks": n, "seconds": round(seconds, 3), "rate": n / seconds, "send_seconds": round(sent - began, 3)}
 
 
+def run_skeleton(client: Celery, r: redis.Redis, base_url: str, n: int, threads: int, timeout: float) -> dict[str, Any]:
+    """The floor: N POSTs to bench.skeleton_app (gunicorn + Falcon + send_task, no database)
+    run by the bare worker; from the first POST until the last task ran."""
+    r.delete(bare_app.COUNTER, bare_app.FINISHED_AT)
+    body = json.dumps({"total": n}).encode()
+    began = time.time()
+    submit = post_many(base_url, "/submit", [body], [{"Content-Type": "application/json"}], n, threads)
+    if submit.errors:
+        raise RuntimeError(f"{len(submit.errors)} skeleton submissions failed, e.g. {submit.errors[:3]}")
+    deadline = time.monotonic() + timeout
+    while (finished := r.get(bare_app.FINISHED_AT)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"skeleton: {int(r.get(bare_app.COUNTER) or 0)} of {n} ran in {timeout:.0f}s")
+        time.sleep(0.02)
+    seconds = float(finished) - began
+    return {"tasks": n, "seconds": round(seconds, 3), "rate": n / seconds}
+
+
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -256,6 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gunicorn, base_url = start_gunicorn(env, workers=args.http_workers, threads=args.http_threads,
                                             log_path=logs / "pipeline-gunicorn.log")
         procs.callback(gunicorn.stop)
+        skeleton, skeleton_url = start_gunicorn(env, workers=args.http_workers, threads=args.http_threads,
+                                                log_path=logs / "pipeline-skeleton.log",
+                                                app="bench.skeleton_app:wsgi()",
+                                                extra_env={"BENCH_BARE_BROKER": env.redis_url})
+        procs.callback(skeleton.stop)
         ours_worker = start_celery_worker(
             # The Procfile's worker_media queues.
             "worker.app", queues="image_analysis,advanced_editing", concurrency=c, name="bench-ours",
@@ -279,15 +325,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         print("pipeline: warming up both workers...", flush=True)
         run_bare(client, rds, warm, args.timeout)
+        run_skeleton(client, rds, skeleton_url, warm, args.submitters, args.timeout)
         run_ours(env, base_url, users, args, warm)
 
-        roots = {"api": gunicorn.popen.pid, "worker (ours)": ours_worker.popen.pid,
+        roots = {"api": gunicorn.popen.pid, "api (skeleton)": skeleton.popen.pid, "worker (ours)": ours_worker.popen.pid,
                  "worker (bare)": bare_worker.popen.pid, **env.server_pids}
-        ours_runs, bare_runs, drain_runs = [], [], []
+        ours_runs, bare_runs, drain_runs, floor_runs = [], [], [], []
         for round_no in range(args.rounds):
             with CpuMeter(roots) as cpu:
                 bare_runs.append(run_bare(client, rds, n, args.timeout))
             bare_runs[-1]["cpu_ms_per_task"] = cpu.per_item_ms(n)
+            with CpuMeter(roots) as cpu:
+                floor_runs.append(run_skeleton(client, rds, skeleton_url, n, args.submitters, args.timeout))
+            floor_runs[-1]["cpu_ms_per_task"] = cpu.per_item_ms(n)
             ids = admit_tasks(env, users, args.type, n)
             with CpuMeter(roots) as cpu:
                 drain_runs.append(run_ours_drain(env, client, ids, args))
@@ -296,13 +346,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ours_runs.append(run_ours(env, base_url, users, args, n))
             ours_runs[-1]["cpu_ms_per_task"] = cpu.per_item_ms(n)
             print(f"pipeline: round {round_no + 1}: ours {ours_runs[-1]['rate']:.1f}/s,"
-                  f" our worker alone {drain_runs[-1]['rate']:.1f}/s, bare {bare_runs[-1]['rate']:.1f}/s", flush=True)
+                  f" our worker alone {drain_runs[-1]['rate']:.1f}/s, floor {floor_runs[-1]['rate']:.1f}/s,"
+                  f" bare {bare_runs[-1]['rate']:.1f}/s", flush=True)
 
     ours_rate = statistics.median(x["rate"] for x in ours_runs)
     bare_rate = statistics.median(x["rate"] for x in bare_runs)
     drain_rate = statistics.median(x["rate"] for x in drain_runs)
+    floor_rate = statistics.median(x["rate"] for x in floor_runs)
     rows = [Row("end-to-end tasks/s (noop processor)", ours_rate, bare_rate, "tasks/s", TARGET),
-            Row("worker alone: pre-enqueued tasks/s (info)", drain_rate, bare_rate, "tasks/s")]
+            Row("worker alone: pre-enqueued tasks/s (info)", drain_rate, bare_rate, "tasks/s"),
+            Row("floor: HTTP submit + bare task, no DB (info)", floor_rate, bare_rate, "tasks/s"),
+            Row("end-to-end vs that floor (info)", ours_rate, floor_rate, "tasks/s")]
     last = ours_runs[-1]
     params = {"N": n, "rounds": args.rounds, "worker_processes": 1, "worker_concurrency": c,
               "pool": "prefork", "submit_threads": args.submitters, "users": user_count,
@@ -322,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(f"worker time per task implied by the rate: {1000 * c / ours_rate:.1f} ms per child"
                      f" (bare: {1000 * c / bare_rate:.1f} ms)")
     for label, cpu in (("end-to-end", last["cpu_ms_per_task"]), ("worker alone", drain_runs[-1]["cpu_ms_per_task"]),
-                       ("bare", bare_runs[-1]["cpu_ms_per_task"])):
+                       ("floor", floor_runs[-1]["cpu_ms_per_task"]), ("bare", bare_runs[-1]["cpu_ms_per_task"])):
         notes.append(f"CPU ms per task, {label}: " + ", ".join(f"{k} {v}" for k, v in cpu.items() if v >= 0.05)
                      + f" (sum {sum(cpu.values()):.1f})")
     if rows[0].ratio < TARGET:
@@ -333,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append("servers from BENCH_DATABASE_URL / BENCH_REDIS_URL: their CPU is not counted")
     print_table("pipeline", rows, params, notes)
     result = {"params": params, "rows": [r.as_dict() for r in rows], "ours_runs": ours_runs,
-              "worker_alone_runs": drain_runs, "bare_runs": bare_runs, "notes": notes}
+              "worker_alone_runs": drain_runs, "floor_runs": floor_runs, "bare_runs": bare_runs, "notes": notes}
     write_results("pipeline", result)
     return result
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -32,7 +33,9 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, make_transient_to_detached, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.util import identity_key
 
 from .base import Base, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
@@ -119,13 +122,17 @@ def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None =
     return session.scalar(query)
 
 
+_INSERT_TASK = AiTask.__table__.insert()
+_IN_FLIGHT_AND_RESERVED = (
+    select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
+    .where(AiTask.user_id == bindparam("user_id"), AiTask.status.in_(IN_FLIGHT))
+)
+
+
 def in_flight_and_reserved(session: Session, user_id: uuid.UUID) -> tuple[int, int]:
     """The user's tasks in flight, and the credits promised to the pending ones (charged
     when a worker starts them), in one query served by the in-flight index."""
-    count, reserved = session.execute(
-        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
-        .where(AiTask.user_id == user_id, AiTask.status.in_(IN_FLIGHT))
-    ).one()
+    count, reserved = session.execute(_IN_FLIGHT_AND_RESERVED, {"user_id": user_id}).one()
     return int(count), int(reserved)
 
 
@@ -177,13 +184,18 @@ def submit_task(
     if available < cost:
         raise InsufficientCredits(f"This task costs {cost} credits; you have {max(available, 0)} available")
 
-    task = AiTask(
-        user_id=user.id, type=task_type, status="pending", input=input, params=params, credits_used=cost,
-        queue=queue_for(task_type), idempotency_key=idempotency_key, request_hash=fingerprint,
-        created_at=utcnow(),
+    values = dict(
+        id=uuid.uuid4(), user_id=user.id, type=task_type, status="pending", input=input, params=params,
+        credits_used=cost, progress=0, output=None, error=None, error_code=None, queue=queue_for(task_type),
+        attempt=0, idempotency_key=idempotency_key, request_hash=fingerprint, created_at=utcnow(),
+        started_at=None, completed_at=None, enqueued_at=None,
     )
+    # A Core INSERT, then the row as a persistent object (what a unit-of-work flush would
+    # leave behind, at a fraction of its cost on the path every submission takes).
+    session.execute(_INSERT_TASK, values)
+    task = AiTask(**values)
+    make_transient_to_detached(task)
     session.add(task)
-    session.flush()
     return task, True
 
 
@@ -204,6 +216,42 @@ class TaskWork:
     attempt: int
 
 
+_tasks = AiTask.__table__
+# Built once (see models/credits.py): the worker runs these for every task it starts.
+_LOCK_FOR_START = (
+    select(_tasks.c.user_id, _tasks.c.type, _tasks.c.status, _tasks.c.input, _tasks.c.params,
+           _tasks.c.credits_used, _tasks.c.attempt)
+    .where(_tasks.c.id == bindparam("task_id"))
+    .with_for_update()
+)
+_MARK_STARTED = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
+    .values(status="processing", started_at=bindparam("now"), attempt=_tasks.c.attempt + 1)
+)
+_MARK_RESUMED = _tasks.update().where(_tasks.c.id == bindparam("task_id")).values(attempt=_tasks.c.attempt + 1)
+_MARK_UNFUNDED = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
+    .values(status="failed", error_code="insufficient_credits", error=bindparam("error"), completed_at=bindparam("now"))
+)
+
+# One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel it
+# re-checks `status` on the newest row version, so exactly one of the two acts.
+_COMPLETE = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
+    .values(status="completed", output=bindparam("output", type_=JSONB), progress=100,
+            completed_at=bindparam("now"), error=None, error_code=None)
+    .returning(_tasks.c.id)
+)
+
+
+def _sync_loaded(session: Session, task_id: uuid.UUID, **values: Any) -> None:
+    """Keep an AiTask this session already holds in step with a Core UPDATE of its row."""
+    task = session.identity_map.get(identity_key(AiTask, task_id))
+    if task is not None:
+        for name, value in values.items():
+            set_committed_value(task, name, value)
+
+
 def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False) -> TaskWork | None:
     """Charge and move a pending task to processing; or resume one whose runner died.
 
@@ -212,32 +260,35 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
     holds the task's lease, which proves the earlier runner is dead; resuming never
     charges again (and the unique charge index would refuse it anyway).
     """
-    task = _lock_task(session, task_id)
-    if task is None:
+    # The row lock serializes this start with a cancel, a second delivery and the reaper.
+    row = session.execute(_LOCK_FOR_START, {"task_id": task_id}).one_or_none()
+    if row is None:
         return None
-    if task.status == "pending":
+    if row.status == "pending":
         try:
             # spend_credits raises before it writes anything, so no savepoint is needed.
-            spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
-                          description=f"{task.type} task")
+            spend_credits(session, row.user_id, row.credits_used, type="credit_deduction", task_id=task_id,
+                          description=f"{row.type} task")
         except InsufficientCredits:
-            task.status, task.error_code = "failed", "insufficient_credits"
-            task.error = f"Not enough credits: this task costs {task.credits_used}"
-            task.completed_at = utcnow()
-            session.flush()
+            values = {"now": utcnow(), "error": f"Not enough credits: this task costs {row.credits_used}"}
+            session.execute(_MARK_UNFUNDED, {"task_id": task_id, **values})
+            _sync_loaded(session, task_id, status="failed", error_code="insufficient_credits", error=values["error"],
+                         completed_at=values["now"])
             return None
-        task.status, task.started_at = "processing", utcnow()
-    elif task.status == "processing" and may_resume:
-        if task.attempt >= MAX_ATTEMPTS:
+        now = utcnow()
+        session.execute(_MARK_STARTED, {"task_id": task_id, "now": now})
+        _sync_loaded(session, task_id, status="processing", started_at=now, attempt=row.attempt + 1)
+    elif row.status == "processing" and may_resume:
+        if row.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
             # otherwise be redelivered forever while charged: give up and refund.
-            fail_task(session, task.id, "The task stopped its worker repeatedly and was given up", "worker_lost")
+            fail_task(session, task_id, "The task stopped its worker repeatedly and was given up", "worker_lost")
             return None
+        session.execute(_MARK_RESUMED, {"task_id": task_id})
+        _sync_loaded(session, task_id, attempt=row.attempt + 1)
     else:
         return None
-    task.attempt += 1
-    session.flush()
-    return TaskWork(task.id, task.user_id, task.type, task.input, dict(task.params or {}), task.attempt)
+    return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)
 
 
 def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:
@@ -261,18 +312,13 @@ def task_status(session: Session, task_id: uuid.UUID) -> str | None:
 def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) -> bool:
     """Store the output if the task is still processing; False means drop the result.
 
+    One statement, so the worker may run it outside a transaction (autocommit); keep it one.
+
     Raises InvalidInput (code output_invalid) for an output PostgreSQL cannot store (NUL
     characters, lone surrogates, NaN), so the caller fails and refunds instead.
     """
     check_storable(output, "output", code="output_invalid")
-    # One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel
-    # it re-checks `status` on the newest row version, so exactly one of the two acts.
-    done = session.execute(
-        AiTask.__table__.update()
-        .where(AiTask.id == task_id, AiTask.status == "processing")
-        .values(status="completed", output=output, progress=100, completed_at=utcnow(), error=None, error_code=None)
-        .returning(AiTask.id)
-    ).first()
+    done = session.execute(_COMPLETE, {"task_id": task_id, "output": output, "now": utcnow()}).first()
     return done is not None
 
 

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, func, select
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
@@ -96,6 +96,20 @@ def add_upload(session: Session, user_id: uuid.UUID, **fields) -> Upload:
     return upload
 
 
+_FILE_OF = select(Upload.storage_key, Upload.content_type).where(
+    Upload.id == bindparam("upload_id"), Upload.user_id == bindparam("user_id"))
+_OWNED = select(Upload.id).where(Upload.id.in_(bindparam("ids", expanding=True)), Upload.user_id == bindparam("user_id"))
+
+
+def upload_file(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> tuple[str, str]:
+    """(storage key, content type) of the user's own upload; another user's is a 404.
+    What a worker needs to read an input, without loading the whole row."""
+    row = session.execute(_FILE_OF, {"upload_id": upload_id, "user_id": user_id}).one_or_none()
+    if row is None:
+        raise UploadNotFound()
+    return row.storage_key, row.content_type
+
+
 def get_upload(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:
     """The user's own upload; another user's is a 404, like a missing one."""
     upload = session.scalar(select(Upload).where(Upload.id == upload_id, Upload.user_id == user_id))
@@ -119,7 +133,7 @@ def check_inputs_owned(session: Session, user_id: uuid.UUID, task_type: str, inp
             ids.add(uuid.UUID(ref))
         except ValueError:
             raise UploadNotFound(f"Upload {ref[:64]} not found") from None
-    owned = set(session.scalars(select(Upload.id).where(Upload.id.in_(ids), Upload.user_id == user_id)))
+    owned = set(session.scalars(_OWNED, {"ids": list(ids), "user_id": user_id}))
     missing = [str(i) for i in ids - owned]
     if missing:
         raise UploadNotFound(f"Upload {missing[0]} not found")

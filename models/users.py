@@ -11,6 +11,7 @@ from sqlalchemy import (
     ForeignKey,
     Integer,
     String,
+    bindparam,
     func,
     select,
 )
@@ -43,8 +44,13 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
+# Built once: a statement object memoizes its cache key, and every request runs these.
+_BY_CLERK_ID = select(User).where(User.clerk_id == bindparam("clerk_id"))
+_LOCK = select(User).where(User.id == bindparam("user_id")).with_for_update().execution_options(populate_existing=True)
+
+
 def get_user(session: Session, clerk_id: str) -> User:
-    user = session.scalar(select(User).where(User.clerk_id == clerk_id))
+    user = session.scalar(_BY_CLERK_ID, {"clerk_id": clerk_id})
     if user is None:
         raise UserNotFound()
     return user
@@ -56,9 +62,7 @@ def lock_user(session: Session, user_id: uuid.UUID) -> User:
     Every decision about a user's money (admit a task, charge, reset) is taken under this
     lock, so two concurrent decisions see each other's effects.
     """
-    user = session.scalar(
-        select(User).where(User.id == user_id).with_for_update().execution_options(populate_existing=True)
-    )
+    user = session.scalar(_LOCK, {"user_id": user_id})
     if user is None:
         raise UserNotFound()
     return user

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from models.errors import UploadNotFound
 from models.params import input_sources, source_ref
-from models.uploads import get_upload
+from models.uploads import upload_file
 
 from .processors.base import InputFile, PermanentError
 
@@ -24,10 +24,10 @@ def resolve_inputs(
         kind, ref = source_ref(source)
         if kind == "upload":
             try:
-                upload = get_upload(session, user_id, uuid.UUID(ref))
+                key, content_type = upload_file(session, user_id, uuid.UUID(ref))
             except (ValueError, UploadNotFound):
                 raise PermanentError(f"Upload {ref} not found", code="input_not_found") from None
-            files.append(InputFile(storage.path(upload.storage_key), upload.content_type, source))
+            files.append(InputFile(storage.path(key), content_type, source))
         else:
             from .fetch import fetch_to_file
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from celeryconfig import TIME_LIMITS
 from models.credits import reset_plan_credits, users_due_for_reset
-from models.db import make_session_factory, session_scope
+from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import (
     fail_task,
@@ -65,6 +65,6 @@ def reap_stuck_tasks() -> int:
         with task_lease(runtime.engine(), task_id) as lease:
             if lease is None:
                 continue  # a live runner holds it
-            with session_scope(make_session_factory(lease)) as session:
+            with lease.transaction() as session:
                 reaped += fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
     return reaped

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from models.db import make_session_factory, session_scope
+from models.db import session_scope
 from models.errors import DomainError
-from models.leases import task_lease
+from models.leases import Lease, task_lease
 from models.tasks import (
     TaskWork,
     complete_task,
@@ -50,8 +50,8 @@ LEASE_WAIT_SECONDS = 3.0
 class _Progress:
     """Throttled progress writes that also notice cancellation."""
 
-    def __init__(self, task_id: uuid.UUID, sessions, min_interval: float = 0.5):
-        self.task_id, self.sessions, self.min_interval = task_id, sessions, min_interval
+    def __init__(self, task_id: uuid.UUID, lease: Lease, min_interval: float = 0.5):
+        self.task_id, self.lease, self.min_interval = task_id, lease, min_interval
         self._last_write, self._last_value, self._cancelled = 0.0, -1, False
         self._last_check = 0.0
 
@@ -60,7 +60,7 @@ class _Progress:
         value = int(value)
         if value == self._last_value or (now - self._last_write < self.min_interval and value < 100):
             return
-        with session_scope(self.sessions) as session:
+        with self.lease.autocommit() as session:
             status = report_progress(session, self.task_id, value)
         self._last_write, self._last_value, self._last_check = now, value, now
         self._cancelled = status != "processing"
@@ -68,7 +68,7 @@ class _Progress:
     def is_cancelled(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= self.min_interval:
-            with session_scope(self.sessions) as session:
+            with self.lease.autocommit() as session:
                 self._cancelled = task_status(session, self.task_id) != "processing"
             self._last_check = now
         return self._cancelled
@@ -80,13 +80,13 @@ def _fail(task_id: uuid.UUID, message: str, code: str) -> None:
         fail_task(session, task_id, message, code)
 
 
-def _process(work: TaskWork, sessions) -> dict:
+def _process(work: TaskWork, lease: Lease) -> dict:
     settings = runtime.settings()
-    progress = _Progress(work.id, sessions)
+    progress = _Progress(work.id, lease)
     # Made on first use (URL inputs, encoders): most tasks never need a scratch directory.
     workdir = Path(tempfile.gettempdir()) / f"studiox-task-{work.id}-{uuid.uuid4().hex[:8]}"
     try:
-        with session_scope(sessions) as session:
+        with lease.autocommit() as session:  # reads only
             inputs = resolve_inputs(session, work.user_id, work.type, work.input, storage=runtime.storage(),
                                     settings=settings, workdir=workdir)
         ctx = ProcessContext(progress=progress, is_cancelled=progress.is_cancelled, storage=runtime.storage(),
@@ -107,15 +107,14 @@ def run_ai_task(celery_task, task_id: str) -> str:
         if lease is None:
             log.info("task %s is running elsewhere; duplicate message dropped", tid)
             return "duplicate"
-        # The task's transactions run on the lease's connection: one checkout per task.
-        sessions = make_session_factory(lease)
-        with session_scope(sessions) as session:
+        # The task's statements run on the lease's connection: one checkout per task.
+        with lease.transaction() as session:
             work = start_task(session, tid, may_resume=True)
         if work is None:
             return "stale"
         try:
-            output = _process(work, sessions)
-            with session_scope(sessions) as session:
+            output = _process(work, lease)
+            with lease.autocommit() as session:  # complete_task is one conditional UPDATE
                 completed = complete_task(session, tid, output)
         except Cancelled:
             return "cancelled"
