@@ -9,6 +9,10 @@ baseline: N sends of a no-op task of a bare Celery app (bench.bare_app, same
           last task ran.
 info row: our worker alone: N task rows admitted before the clock, their N messages sent
           as the baseline sends its own; until the last completes (no HTTP in the time).
+info row: the floor: N POSTs to bench.skeleton_app under the same gunicorn (JSON body in,
+          send_task, 201 with JSON out; no database, no auth) run by the bare worker. Any
+          implementation of the design does at least this per task, so the floor's ratio
+          to bare Celery bounds what the end-to-end row can reach on this machine.
 
 Submissions are spread over enterprise users, each given at most its plan's in-flight
 limit, so admission never answers 429 by design; any 429 is retried and reported.
@@ -248,13 +252,18 @@ def run_bare(client: Celery, r: redis.Redis, n: int, timeout: float) -> dict[str
         for i in range(n):
             client.send_task("bench.noop", args=[i, n], queue=bare_app.QUEUE, producer=producer)
     sent = time.time()
+    seconds = wait_bare(r, n, timeout, "bare Celery") - began
+    return {"tasks": n, "seconds": round(seconds, 3), "rate": n / seconds, "send_seconds": round(sent - began, 3)}
+
+
+def wait_bare(r: redis.Redis, n: int, timeout: float, label: str) -> float:
+    """When the last of the bare worker's N no-op tasks ran (epoch seconds)."""
     deadline = time.monotonic() + timeout
     while (finished := r.get(bare_app.FINISHED_AT)) is None:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"bare Celery: {int(r.get(bare_app.COUNTER) or 0)} of {n} ran in {timeout:.0f}s")
+            raise TimeoutError(f"{label}: {int(r.get(bare_app.COUNTER) or 0)} of {n} ran in {timeout:.0f}s")
         time.sleep(0.02)
-    seconds = float(finished) - began
-    return {"tasks": n, "seconds": round(seconds, 3), "rate": n / seconds, "send_seconds": round(sent - began, 3)}
+    return float(finished)
 
 
 def run_skeleton(client: Celery, r: redis.Redis, base_url: str, n: int, threads: int, timeout: float) -> dict[str, Any]:
@@ -266,12 +275,7 @@ def run_skeleton(client: Celery, r: redis.Redis, base_url: str, n: int, threads:
     submit = post_many(base_url, "/submit", [body], [{"Content-Type": "application/json"}], n, threads)
     if submit.errors:
         raise RuntimeError(f"{len(submit.errors)} skeleton submissions failed, e.g. {submit.errors[:3]}")
-    deadline = time.monotonic() + timeout
-    while (finished := r.get(bare_app.FINISHED_AT)) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"skeleton: {int(r.get(bare_app.COUNTER) or 0)} of {n} ran in {timeout:.0f}s")
-        time.sleep(0.02)
-    seconds = float(finished) - began
+    seconds = wait_bare(r, n, timeout, "skeleton") - began
     return {"tasks": n, "seconds": round(seconds, 3), "rate": n / seconds}
 
 
@@ -380,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(f"CPU ms per task, {label}: " + ", ".join(f"{k} {v}" for k, v in cpu.items() if v >= 0.05)
                      + f" (sum {sum(cpu.values()):.1f})")
     if rows[0].ratio < TARGET:
-        notes.append("below target: `python -m bench.profile_pipeline --show-sql` breaks one task down by phase")
+        notes.append(f"below target: it needs {TARGET * bare_rate:.0f} tasks/s, {TARGET * bare_rate / floor_rate:.2f} of"
+                     " the no-database floor; `python -m bench.profile_pipeline --show-sql` breaks one task down")
     if ph.get("failed"):
         notes.append(f"tasks not completed: {ph['failed']}")
     if {"postgres", "redis"} - set(roots):
