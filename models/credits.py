@@ -30,11 +30,11 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.orm import Mapped, Session, make_transient_to_detached, mapped_column
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.orm.util import identity_key
 
 from .base import Base, sql_in, utcnow
+from .db import attach_inserted, set_synced
 from .errors import InsufficientCredits, UserNotFound
 from .users import User, lock_user
 
@@ -151,6 +151,7 @@ def post_entry(
     """
     if plan_delta == 0 and purchased_delta == 0:
         raise ValueError("a ledger entry must move credits")
+    session.flush()  # Core statements below do not autoflush what the caller has pending
     row = session.execute(
         _MOVE_BUCKETS, {"user_id": user_id, "plan_delta": plan_delta, "purchased_delta": purchased_delta}
     ).one_or_none()
@@ -161,9 +162,8 @@ def post_entry(
     # Keep an already-loaded User in step with the row (the generated column included).
     user = session.identity_map.get(identity_key(User, user_id))
     if user is not None:
-        set_committed_value(user, "plan_credits", row.plan_credits)
-        set_committed_value(user, "purchased_credits", row.purchased_credits)
-        set_committed_value(user, "credits", row.credits)
+        set_synced(session, user, plan_credits=row.plan_credits, purchased_credits=row.purchased_credits,
+                   credits=row.credits)
     values = dict(
         user_id=user_id,
         amount=plan_delta + purchased_delta,
@@ -180,12 +180,7 @@ def post_entry(
         description=description,
         created_at=utcnow(),
     )
-    # A Core INSERT, then the row as a persistent object of the session (what a unit-of-work
-    # flush would leave behind, at a fraction of its cost on the path every task takes).
-    entry = Transaction(id=session.execute(_APPEND_ENTRY, values).scalar_one(), **values)
-    make_transient_to_detached(entry)
-    session.add(entry)
-    return entry
+    return attach_inserted(session, Transaction(id=session.execute(_APPEND_ENTRY, values).scalar_one(), **values))
 
 
 def spend_credits(

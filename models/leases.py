@@ -51,9 +51,16 @@ class Lease:
             with session_scope(self._sessions) as session:
                 yield session
         finally:
-            if not self.conn.invalidated:
-                _end_autobegin(self.conn)
-                self.conn.execution_options(isolation_level=_AUTOCOMMIT)
+            try:
+                if not self.conn.invalidated:
+                    _end_autobegin(self.conn)
+                    self.conn.execution_options(isolation_level=_AUTOCOMMIT)
+            except Exception:
+                # Interrupted mid-statement (a soft time limit): the connection is unusable;
+                # let the original exception be the one that propagates. Releasing the
+                # lease then ends its server session, which frees the lock.
+                log.warning("lease connection left unusable", exc_info=True)
+                self.conn.invalidate()
 
     @contextmanager
     def autocommit(self) -> Iterator[Session]:

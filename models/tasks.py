@@ -33,11 +33,11 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, Session, make_transient_to_detached, mapped_column
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.orm.util import identity_key
 
 from .base import Base, sql_in, utcnow
+from .db import attach_inserted, set_synced
 from .credits import Transaction, reverse_entry, spend_credits
 from .errors import (
     IdempotencyKeyReused,
@@ -186,17 +186,13 @@ def submit_task(
 
     values = dict(
         id=uuid.uuid4(), user_id=user.id, type=task_type, status="pending", input=input, params=params,
-        credits_used=cost, progress=0, output=None, error=None, error_code=None, queue=queue_for(task_type),
-        attempt=0, idempotency_key=idempotency_key, request_hash=fingerprint, created_at=utcnow(),
-        started_at=None, completed_at=None, enqueued_at=None,
+        credits_used=cost, progress=0, error=None, error_code=None, queue=queue_for(task_type), attempt=0,
+        idempotency_key=idempotency_key, request_hash=fingerprint, created_at=utcnow(), started_at=None,
+        completed_at=None, enqueued_at=None,
     )
-    # A Core INSERT, then the row as a persistent object (what a unit-of-work flush would
-    # leave behind, at a fraction of its cost on the path every submission takes).
+    # `output` is left out: None would be stored as JSON null, not SQL NULL.
     session.execute(_INSERT_TASK, values)
-    task = AiTask(**values)
-    make_transient_to_detached(task)
-    session.add(task)
-    return task, True
+    return attach_inserted(session, AiTask(output=None, **values)), True
 
 
 def mark_enqueued(session: Session, task_ids: list[uuid.UUID]) -> None:
@@ -244,14 +240,6 @@ _COMPLETE = (
 )
 
 
-def _sync_loaded(session: Session, task_id: uuid.UUID, **values: Any) -> None:
-    """Keep an AiTask this session already holds in step with a Core UPDATE of its row."""
-    task = session.identity_map.get(identity_key(AiTask, task_id))
-    if task is not None:
-        for name, value in values.items():
-            set_committed_value(task, name, value)
-
-
 def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False) -> TaskWork | None:
     """Charge and move a pending task to processing; or resume one whose runner died.
 
@@ -264,6 +252,11 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
     row = session.execute(_LOCK_FOR_START, {"task_id": task_id}).one_or_none()
     if row is None:
         return None
+    loaded = session.identity_map.get(identity_key(AiTask, task_id))
+    if loaded is not None:
+        # What this session holds may predate the lock (never so in a worker); the writes
+        # below are Core and update it field by field.
+        session.refresh(loaded)
     if row.status == "pending":
         try:
             # spend_credits raises before it writes anything, so no savepoint is needed.
@@ -272,12 +265,14 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
         except InsufficientCredits:
             values = {"now": utcnow(), "error": f"Not enough credits: this task costs {row.credits_used}"}
             session.execute(_MARK_UNFUNDED, {"task_id": task_id, **values})
-            _sync_loaded(session, task_id, status="failed", error_code="insufficient_credits", error=values["error"],
-                         completed_at=values["now"])
+            if loaded is not None:
+                set_synced(session, loaded, status="failed", error_code="insufficient_credits",
+                           error=values["error"], completed_at=values["now"])
             return None
         now = utcnow()
         session.execute(_MARK_STARTED, {"task_id": task_id, "now": now})
-        _sync_loaded(session, task_id, status="processing", started_at=now, attempt=row.attempt + 1)
+        if loaded is not None:
+            set_synced(session, loaded, status="processing", started_at=now, attempt=row.attempt + 1)
     elif row.status == "processing" and may_resume:
         if row.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
@@ -285,7 +280,8 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
             fail_task(session, task_id, "The task stopped its worker repeatedly and was given up", "worker_lost")
             return None
         session.execute(_MARK_RESUMED, {"task_id": task_id})
-        _sync_loaded(session, task_id, attempt=row.attempt + 1)
+        if loaded is not None:
+            set_synced(session, loaded, attempt=row.attempt + 1)
     else:
         return None
     return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)

@@ -41,6 +41,32 @@ def refunds(session, task_id):
                                                      Transaction.type == "credit_refund")).all()
 
 
+class TestRowsWrittenWithCore:
+    """submit_task and post_entry write with Core and attach the objects themselves."""
+
+    def test_a_new_task_has_no_output_in_sql(self, session):
+        task = submit(session, new_user(session))
+        assert session.scalar(select(AiTask.output.is_(None)).where(AiTask.id == task.id))
+
+    def test_rolled_back_rows_are_not_left_in_the_session(self, session):
+        user = new_user(session)
+        nested = session.begin_nested()
+        task = submit(session, user)
+        entry = post_entry(session, user.id, type="admin_adjustment", purchased_delta=5)
+        nested.rollback()
+        assert task not in session and entry not in session
+        assert session.get(AiTask, task.id) is None and session.get(Transaction, entry.id) is None
+        assert session.get(User, user.id).credits == ledger_sum(session, user.id)
+
+    def test_start_refreshes_a_task_the_session_already_holds(self, session):
+        user = new_user(session)
+        task = submit(session, user)
+        session.execute(AiTask.__table__.update().where(AiTask.id == task.id).values(status="cancelled"))
+        assert task.status == "pending"  # stale, as a caller's copy can be
+        assert start_task(session, task.id) is None
+        assert task.status == "cancelled" and charges(session, task.id) == []
+
+
 class TestChargeTask:
     def test_start_charges_once_and_moves_to_processing(self, session):
         user = new_user(session)
