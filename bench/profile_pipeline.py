@@ -193,43 +193,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from models.tasks import complete_task, start_task
 
         worker_wall: dict[str, list[float]] = defaultdict(list)
-        # The step-by-step copy follows run_ai_task as written when this harness was; if the
-        # worker's helpers changed shape, only the real function is measured.
-        import inspect
-
-        stepwise = len(inspect.signature(worker_tasks._process).parameters) == 1
-        half = n // 2 if stepwise else 0
+        half = n // 2
         for index, tid_text in enumerate(ids[:half]):
             if index == half - 1:
                 meter.recording = []
             tid = uuid.UUID(tid_text)
+            # The steps of run_ai_task, one by one, on the lease's connection as it runs them.
             with meter.timed("run_ai_task (sum of the steps)", worker_wall):
                 with meter.timed("  lease: connect + pg_try_advisory_lock", worker_wall):
                     lease_cm = task_lease(runtime.engine(), tid, wait_seconds=worker_tasks.LEASE_WAIT_SECONDS)
                     lease = lease_cm.__enter__()
                 assert lease is not None
                 with meter.timed("  start_task transaction (lock, charge)", worker_wall):
-                    with session_scope(runtime.sessions()) as session:
+                    with lease.transaction() as session:
                         work = start_task(session, tid, may_resume=True)
                 with meter.timed("  _process: inputs + no-op processor", worker_wall):
-                    output = worker_tasks._process(work)
-                with meter.timed("  complete_task transaction", worker_wall):
-                    with session_scope(runtime.sessions()) as session:
+                    output = worker_tasks._process(work, lease)
+                with meter.timed("  complete_task (one statement, autocommit)", worker_wall):
+                    with lease.autocommit() as session:
                         complete_task(session, tid, output)
                 with meter.timed("  lease: unlock + close", worker_wall):
                     lease_cm.__exit__(None, None, None)
         worker_sql, meter.recording = meter.recording or [], None
         # The rest through the real function, to check the steps add up, and for cProfile.
         worker_profile = cProfile.Profile()
-        for index, tid_text in enumerate(ids[half:]):
-            if not stepwise and index == len(ids) - 1:
-                meter.recording = []
+        for tid_text in ids[half:]:
             with meter.timed("run_ai_task (the real function)", worker_wall):
                 worker_profile.enable()
                 assert worker_tasks.run_ai_task(None, tid_text) == "completed"
                 worker_profile.disable()
-        if not stepwise:
-            worker_sql, meter.recording = meter.recording or [], None
         worker_rows = table(worker_wall, meter, max(half, 1))
         real = next(r for r in worker_rows if r["phase"].startswith("run_ai_task (the real"))
         for key in ("statements", "checkouts", "db_ms"):  # measured over the other half

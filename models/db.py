@@ -61,6 +61,9 @@ def _run_after_commit(session: Session) -> None:
     # Only the outermost commit means the row is visible to other connections.
     if session.in_nested_transaction():
         return
+    # Committed: Core writes are no longer the rollback hook's business.
+    session.info.pop(_INSERTED, None)
+    session.info.pop(_SYNCED, None)
     callbacks = session.info.pop(_AFTER_COMMIT, [])
     for callback in callbacks:
         try:
@@ -80,18 +83,14 @@ def attach_inserted(session: Session, obj):
 
 
 def set_synced(session: Session, obj, **values) -> None:
-    """Set loaded attributes of `obj` to what a Core UPDATE just wrote to its row, without
-    marking them changed; a rollback expires them again (see below)."""
+    """Set loaded attributes of `obj` (None: the session holds no such object) to what a
+    Core UPDATE just wrote to its row, without marking them changed; a rollback expires
+    them again (see below)."""
+    if obj is None:
+        return
     for name, value in values.items():
         set_committed_value(obj, name, value)
     session.info.setdefault(_SYNCED, []).append(obj)
-
-
-@event.listens_for(Session, "after_commit")
-def _forget_core_writes(session: Session) -> None:
-    if not session.in_nested_transaction():
-        session.info.pop(_INSERTED, None)
-        session.info.pop(_SYNCED, None)
 
 
 @event.listens_for(Session, "after_soft_rollback")

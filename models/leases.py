@@ -102,10 +102,10 @@ def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) ->
             yield Lease(conn)
         finally:
             try:
-                conn.rollback()
-                if conn.get_execution_options().get("isolation_level") != _AUTOCOMMIT:
-                    conn.execution_options(isolation_level=_AUTOCOMMIT)
-                conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
+                # An invalidated connection's server session is gone, and the lease with it.
+                if not conn.invalidated:
+                    conn.rollback()
+                    conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
             except Exception:
                 # The connection broke (a time limit interrupted a query, the server went
                 # away): end its server session, which releases the lease, and let the

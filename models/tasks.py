@@ -265,14 +265,12 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
         except InsufficientCredits:
             values = {"now": utcnow(), "error": f"Not enough credits: this task costs {row.credits_used}"}
             session.execute(_MARK_UNFUNDED, {"task_id": task_id, **values})
-            if loaded is not None:
-                set_synced(session, loaded, status="failed", error_code="insufficient_credits",
-                           error=values["error"], completed_at=values["now"])
+            set_synced(session, loaded, status="failed", error_code="insufficient_credits",
+                       error=values["error"], completed_at=values["now"])
             return None
         now = utcnow()
         session.execute(_MARK_STARTED, {"task_id": task_id, "now": now})
-        if loaded is not None:
-            set_synced(session, loaded, status="processing", started_at=now, attempt=row.attempt + 1)
+        set_synced(session, loaded, status="processing", started_at=now, attempt=row.attempt + 1)
     elif row.status == "processing" and may_resume:
         if row.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
@@ -280,8 +278,7 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
             fail_task(session, task_id, "The task stopped its worker repeatedly and was given up", "worker_lost")
             return None
         session.execute(_MARK_RESUMED, {"task_id": task_id})
-        if loaded is not None:
-            set_synced(session, loaded, attempt=row.attempt + 1)
+        set_synced(session, loaded, attempt=row.attempt + 1)
     else:
         return None
     return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)

@@ -96,8 +96,9 @@ def add_upload(session: Session, user_id: uuid.UUID, **fields) -> Upload:
     return upload
 
 
-_FILE_OF = select(Upload.storage_key, Upload.content_type).where(
-    Upload.id == bindparam("upload_id"), Upload.user_id == bindparam("user_id"))
+_OWN_UPLOAD = (Upload.id == bindparam("upload_id"), Upload.user_id == bindparam("user_id"))
+_GET = select(Upload).where(*_OWN_UPLOAD)
+_FILE_OF = select(Upload.storage_key, Upload.content_type).where(*_OWN_UPLOAD)
 _OWNED = select(Upload.id).where(Upload.id.in_(bindparam("ids", expanding=True)), Upload.user_id == bindparam("user_id"))
 
 
@@ -112,7 +113,7 @@ def upload_file(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> t
 
 def get_upload(session: Session, user_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:
     """The user's own upload; another user's is a 404, like a missing one."""
-    upload = session.scalar(select(Upload).where(Upload.id == upload_id, Upload.user_id == user_id))
+    upload = session.scalar(_GET, {"upload_id": upload_id, "user_id": user_id})
     if upload is None:
         raise UploadNotFound()
     return upload
