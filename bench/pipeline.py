@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--submitters", type=int, default=8, help="HTTP client threads submitting tasks (default 8)")
     p.add_argument("--http-workers", type=int, default=2, help="gunicorn -w (default 2)")
     p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads (default 4)")
-    p.add_argument("--rounds", type=int, default=1, help="measured rounds per side, median reported (default 1)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="measured rounds per side, median reported (default 5: one round swings by 20%%)")
     p.add_argument("--type", default="image_analysis", choices=("image_analysis", "advanced_editing"),
                    help="task type submitted (default image_analysis)")
     p.add_argument("--loglevel", default="info", help="both workers' -l (default info, as in the Procfile)")
