@@ -1,4 +1,5 @@
-"""Celery settings. The broker URL comes from Settings (REDIS_URL, or BROKER_URL for RabbitMQ).
+"""Celery settings. The broker URL and the time limits come from Settings (REDIS_URL, or
+BROKER_URL for RabbitMQ; TIME_LIMIT_<TYPE>), applied by `worker.queue.create_celery`.
 
 The database is the state of every task: no result backend is needed, and a message only
 carries a task id.
@@ -6,55 +7,21 @@ carries a task id.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from datetime import timedelta
 
 from kombu import Queue
 
-# One queue per task type, plus `maintenance` for beat jobs. Routing is by task name.
-TASK_QUEUES = ("image_analysis", "advanced_editing", "video_generation")
-task_queues = [Queue(name) for name in (*TASK_QUEUES, "maintenance")]
-task_default_queue = "maintenance"
+from tasktypes import MAINTENANCE_QUEUE, TASK_TYPE_SPECS
+
+# One queue per task type (named in `tasktypes`), plus `maintenance` for beat jobs.
+# Routing is by task name. Time limits come from Settings: `worker.queue.create_celery`
+# sets `task_annotations` and the visibility timeout from them.
+task_queues = [Queue(spec.queue) for spec in TASK_TYPE_SPECS.values()] + [Queue(MAINTENANCE_QUEUE)]
+task_default_queue = MAINTENANCE_QUEUE
 task_routes = {
-    "tasks.image_analysis": {"queue": "image_analysis"},
-    "tasks.advanced_editing": {"queue": "advanced_editing"},
-    "tasks.video_generation": {"queue": "video_generation"},
-    "maintenance.*": {"queue": "maintenance"},
+    **{spec.celery_task: {"queue": spec.queue} for spec in TASK_TYPE_SPECS.values()},
+    "maintenance.*": {"queue": MAINTENANCE_QUEUE},
 }
-
-# Per-type time limits (seconds): soft raises inside the task so it can fail and refund;
-# hard kills the child. The stuck-task reaper uses the hard limit plus a margin.
-# TIME_LIMIT_<TYPE>=soft,hard overrides a type (e.g. TIME_LIMIT_VIDEO_GENERATION=1800,1860);
-# every process (workers, beat) must see the same values, so set them in the shared env.
-DEFAULT_TIME_LIMITS = {
-    "image_analysis": {"soft": 120, "hard": 150},
-    "advanced_editing": {"soft": 180, "hard": 210},
-    "video_generation": {"soft": 900, "hard": 960},
-}
-
-
-def time_limits_from_env(env: Mapping[str, str]) -> dict[str, dict[str, float]]:
-    limits = {name: dict(values) for name, values in DEFAULT_TIME_LIMITS.items()}
-    for name in limits:
-        variable = f"TIME_LIMIT_{name.upper()}"
-        raw = (env.get(variable) or "").strip()
-        if not raw:
-            continue
-        try:
-            soft, hard = (float(part) for part in raw.split(","))
-        except ValueError:
-            raise ValueError(f"{variable} must be 'soft,hard' in seconds, got {raw!r}") from None
-        if not 0 < soft < hard:
-            # The soft limit must fire first, or the child is killed before it can refund.
-            raise ValueError(f"{variable}: need 0 < soft < hard, got {raw!r}")
-        limits[name] = {"soft": soft, "hard": hard}
-    return limits
-
-
-TIME_LIMITS = time_limits_from_env(os.environ)
-task_annotations = {f"tasks.{name}": {"soft_time_limit": limits["soft"], "time_limit": limits["hard"]}
-                    for name, limits in TIME_LIMITS.items()}
 
 # JSON only: a message is a task id and nothing that could execute.
 task_serializer = "json"
@@ -72,11 +39,6 @@ task_reject_on_worker_lost = True
 # other messages hostage in its prefetch buffer.
 worker_prefetch_multiplier = 1
 
-# Redis redelivers a message nobody acknowledged after the visibility timeout. It must be
-# longer than the longest hard time limit, or a long task would run twice at once.
-broker_transport_options = {
-    "visibility_timeout": 2 * max(limits["hard"] for limits in TIME_LIMITS.values()) + 600,
-}
 broker_connection_retry_on_startup = True
 
 # Flower and operators see task events from `task-received` on. The `task-sent` event is

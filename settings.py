@@ -8,8 +8,12 @@ insecure defaults and names the variable that is missing.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
+
+from tasktypes import TASK_TYPE_SPECS
 
 DEV_JWT_SECRET = "studiox-dev-secret-not-for-production-use"
 ENVIRONMENTS = ("development", "test", "production")
@@ -48,6 +52,39 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     if raw in (None, ""):
         return default
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TimeLimit:
+    """Seconds: the soft limit fails the task and refunds it; the hard one kills the child."""
+
+    soft: float
+    hard: float
+
+
+def default_time_limits() -> Mapping[str, TimeLimit]:
+    return MappingProxyType({name: TimeLimit(spec.soft_time_limit, spec.hard_time_limit)
+                             for name, spec in TASK_TYPE_SPECS.items()})
+
+
+def time_limits_from_env(env: Mapping[str, str]) -> Mapping[str, TimeLimit]:
+    """Each type's limits; `TIME_LIMIT_<TYPE>=soft,hard` overrides one (every process, workers
+    and beat alike, must see the same values, so set them in the shared environment)."""
+    limits = dict(default_time_limits())
+    for name in limits:
+        variable = f"TIME_LIMIT_{name.upper()}"
+        raw = (env.get(variable) or "").strip()
+        if not raw:
+            continue
+        try:
+            soft, hard = (float(part) for part in raw.split(","))
+        except ValueError:
+            raise ConfigError(f"{variable} must be 'soft,hard' in seconds, got {raw!r}") from None
+        if not 0 < soft < hard:
+            # The soft limit must fire first, or the child is killed before it can refund.
+            raise ConfigError(f"{variable}: need 0 < soft < hard, got {raw!r}")
+        limits[name] = TimeLimit(soft, hard)
+    return MappingProxyType(limits)
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -97,6 +134,7 @@ class Settings:
     lost_message_after_seconds: int = 300
     stuck_margin_seconds: int = 120
     processor_overrides: str = ""
+    time_limits: Mapping[str, TimeLimit] = field(default_factory=default_time_limits)
 
     @property
     def is_development(self) -> bool:
@@ -159,6 +197,7 @@ class Settings:
             lost_message_after_seconds=_int(env, "LOST_MESSAGE_AFTER_SECONDS", 300),
             stuck_margin_seconds=_int(env, "STUCK_MARGIN_SECONDS", 120),
             processor_overrides=env.get("PROCESSOR_OVERRIDES", ""),
+            time_limits=time_limits_from_env(env),
         )
         settings.check()
         return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import falcon
 import falcon.media
@@ -10,14 +11,47 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import create_engine, make_session_factory
-from models.params import check_storable
+from models.base import check_storable
 from settings import Settings
 from storage import LocalStorage
 
-from . import billing, errors, health, outputs, tasks, uploads, users
+from . import billing, docs, errors, health, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
 from .logs import configure_logging
 from .middleware import BodyLimitMiddleware, RequestIdMiddleware, SessionMiddleware
+from .openapi import build_document
+
+
+def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str, Any]]:
+    """Every route of the API: registered on the app and documented in /openapi.json alike."""
+    table: list[tuple[str, Any]] = [
+        ("/health", health.HealthResource(engine, queue)),
+        ("/api/users/me", users.MeResource()),
+        ("/api/users/credits", users.CreditsResource()),
+        ("/api/users/transactions", users.TransactionsResource()),
+        ("/api/users/initialize", users.InitializeResource()),
+        ("/api/users/upgrade-plan", users.UpgradePlanResource()),
+        ("/api/billing/plans", billing.PlansResource()),
+        ("/api/billing/webhook", billing.WebhookResource()),
+        ("/api/billing/purchase-credits", billing.PurchaseCreditsResource()),
+        ("/api/billing/purchases/{session_id}/sync", billing.SyncPurchaseResource()),
+        ("/api/billing/upgrade-plan", billing.UpgradePlanResource()),
+        ("/api/billing/history", billing.HistoryResource()),
+        ("/api/billing/next-date", billing.NextDateResource()),
+        ("/api/billing/portal", billing.PortalResource()),
+        ("/api/tasks", tasks.TasksResource()),
+        ("/api/tasks/create", tasks.CreateTaskResource()),
+        ("/api/tasks/stats", tasks.TaskStatsResource()),
+        ("/api/tasks/{task_id}", tasks.TaskResource()),
+        ("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource()),
+        ("/api/tasks/{task_id}/status", tasks.TaskStatusResource()),
+        ("/api/tasks/{task_id}/output", outputs.TaskOutputResource(storage)),
+        ("/api/uploads", uploads.UploadsResource(storage, settings)),
+        ("/api/uploads/{upload_id}", uploads.UploadResource()),
+    ]
+    table.append(("/openapi.json", docs.OpenApiResource(lambda: build_document(table))))
+    table.append(("/docs", docs.DocsResource()))
+    return table
 
 
 def create_app(
@@ -46,29 +80,17 @@ def create_app(
             ),
             BodyLimitMiddleware(settings.max_body_bytes),
             AuthMiddleware(TokenVerifier(settings)),
-            SessionMiddleware(session_factory),
+            # Task messages committed by a request go out through the queue (models.db's outbox).
+            SessionMiddleware(session_factory, send_task=queue.send),
         ],
     )
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(loads=load_json_body)
     errors.install(app)
 
-    app.add_route("/health", health.HealthResource(engine, queue))
-    app.add_route("/api/users/me", users.MeResource())
-    app.add_route("/api/users/credits", users.CreditsResource())
-    app.add_route("/api/users/transactions", users.TransactionsResource())
-    app.add_route("/api/users/initialize", users.InitializeResource())
-    app.add_route("/api/users/upgrade-plan", users.UpgradePlanResource())
-    app.add_route("/api/billing/plans", billing.PlansResource())
-    app.add_route("/api/tasks", tasks.TasksResource())
-    app.add_route("/api/tasks/create", tasks.CreateTaskResource(queue))
-    app.add_route("/api/tasks/stats", tasks.TaskStatsResource())
-    app.add_route("/api/tasks/{task_id}", tasks.TaskResource())
-    app.add_route("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource())
-    app.add_route("/api/tasks/{task_id}/status", tasks.TaskStatusResource(queue))
-    app.add_route("/api/tasks/{task_id}/output", outputs.TaskOutputResource(storage))
-    app.add_route("/api/uploads", uploads.UploadsResource(storage, settings))
-    app.add_route("/api/uploads/{upload_id}", uploads.UploadResource())
+    for path, resource in routes(settings, engine, queue, storage):
+        app.add_route(path, resource)
+    app.add_static_route("/docs/assets", docs.ASSETS_PATH)
     return app
 
 

@@ -22,28 +22,3 @@ def parse_uuid(value: str, what: str = "id", not_found: type[Exception] | None =
         if not_found is not None:
             raise not_found() from None
         raise InvalidInput(f"{what} is not a valid id") from None
-
-
-def json_body(req: falcon.Request, *, required: bool = True) -> dict:
-    """The JSON object body; an empty body is `{}` when not required."""
-    if not required and not req.content_length:
-        return {}
-    body = req.get_media(default_when_empty=None if required else {})
-    if body is None:
-        raise InvalidInput("A JSON body is required", code="body_required")
-    if not isinstance(body, dict):
-        raise InvalidInput("The JSON body must be an object", code="invalid_body")
-    return body
-
-
-def limit_param(req: falcon.Request, default: int = 20, maximum: int = 100) -> int:
-    raw = req.get_param("limit")
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidInput("limit must be an integer", code="invalid_limit") from None
-    if not 1 <= value <= maximum:
-        raise InvalidInput(f"limit must be between 1 and {maximum}", code="invalid_limit")
-    return value

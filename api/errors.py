@@ -54,7 +54,10 @@ def serialize_http_error(req: falcon.Request, resp: falcon.Response, exc: falcon
 
 
 def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainError, params) -> None:
-    _write(resp, exc.status_code, error_body(exc.status_code, exc.message, exc.code))
+    body = error_body(exc.status_code, exc.message, exc.code)
+    if exc.details:
+        body["details"] = exc.details
+    _write(resp, exc.status_code, body)
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:

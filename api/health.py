@@ -8,7 +8,10 @@ import falcon
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from api.errors import error_body
+from . import schemas
+from .errors import error_body
+from .openapi import operation
+from .serialize import media
 
 log = logging.getLogger("studiox.api")
 
@@ -20,6 +23,7 @@ class HealthResource:
     def __init__(self, engine: Engine, queue):
         self.engine, self.queue = engine, queue
 
+    @operation("Database and broker reachability (503 when either is down)", responses={200: schemas.HealthOut})
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         down = []
         try:
@@ -37,4 +41,4 @@ class HealthResource:
             resp.status = falcon.HTTP_503
             resp.media = error_body(503, f"Unavailable: {', '.join(down)}", "dependency_unavailable")
         else:
-            resp.media = {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+            resp.media = media(schemas.HealthOut(status="ok", checks={"database": "ok", "broker": "ok"}))

@@ -10,6 +10,8 @@ import uuid
 import falcon
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.db import SendTask, set_sender
+
 log = logging.getLogger("studiox.api")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 _CHUNK = 64 * 1024
@@ -106,12 +108,14 @@ class SessionMiddleware:
     """One session per request on `req.context.session`: committed when the responder
     succeeded, rolled back otherwise. After-commit hooks (task messages) run at commit."""
 
-    def __init__(self, factory: sessionmaker[Session]):
-        self.factory = factory
+    def __init__(self, factory: sessionmaker[Session], *, send_task: SendTask | None = None):
+        self.factory, self.send_task = factory, send_task
 
     def process_resource(self, req, resp, resource, params) -> None:
         if resource is not None and getattr(resource, "uses_db", True):
-            req.context.session = self.factory()
+            session = req.context.session = self.factory()
+            if self.send_task is not None:
+                set_sender(session, self.send_task)
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         session: Session | None = req.context.get("session")

@@ -8,10 +8,13 @@ import falcon
 
 from models.errors import OutputNotReady, TaskNotFound
 from models.tasks import get_task_of
-from models.uploads import sniff_content_type
+from tasktypes import sniff_content_type
 
 from .context import parse_uuid
+from .openapi import operation
 from .serialize import output_file, output_file_type
+
+_FILE = {"schema": {"type": "string", "format": "binary"}}
 
 log = logging.getLogger("studiox.api")
 
@@ -20,6 +23,8 @@ class TaskOutputResource:
     def __init__(self, storage):
         self.storage = storage
 
+    @operation("Download the output file of your completed task", errors=(404,),
+               responses={200: {"image/*": _FILE, "video/mp4": _FILE, "application/octet-stream": _FILE}})
     def on_get(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         # Another user's task is a 404 task_not_found, as for a missing one.
         task = get_task_of(req.context.session, req.context.identity.clerk_id,

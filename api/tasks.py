@@ -4,100 +4,86 @@ from __future__ import annotations
 
 import falcon
 
-from models.db import on_commit
 from models.errors import InvalidInput, TaskNotFound
-from models.params import validate_task_request
-from models.tasks import (
-    admin_set_status,
-    cancel_task,
-    get_task_of,
-    list_tasks,
-    submit_task,
-    task_stats,
-)
-from models.uploads import check_inputs_owned
+from models.tasks import admin_set_status, cancel_task, get_task_of, list_tasks, submit_task, task_stats
 
-from .context import current_user, json_body, limit_param, parse_uuid
-from .serialize import task_json
+from . import schemas
+from .context import current_user, parse_uuid
+from .openapi import operation
+from .serialize import media, task_out
+
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    "description": "A retried submission with the same key returns the same task (200, Idempotent-Replayed: true); "
+                   "a different body under the same key is a 409",
+}
+
+
+_TASK_ID = {"task_id": "$response.body#/task/id"}
+TASK_LINKS = {
+    "GetTask": {"operationId": "get_api_tasks_task_id", "parameters": _TASK_ID},
+    "CancelTask": {"operationId": "patch_api_tasks_task_id_cancel", "parameters": _TASK_ID},
+    "GetTaskOutput": {"operationId": "get_api_tasks_task_id_output", "parameters": _TASK_ID},
+}
 
 
 class CreateTaskResource:
-    def __init__(self, queue):
-        self.queue = queue
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body = json_body(req)
-        task_type = body.get("type")
-        if not isinstance(task_type, str):
-            raise InvalidInput("type is required", code="invalid_task_type")
+    @operation("Submit a task", body=schemas.CreateTaskBody, headers=(IDEMPOTENCY_KEY,), links={201: TASK_LINKS},
+               responses={201: schemas.TaskEnvelope, 200: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
+               description="Checks the plan (403), the tasks in flight (429) and the available credits (402), "
+                           "then queues the task. Credits are charged when a worker starts it.")
+    def on_post(self, req: falcon.Request, resp: falcon.Response, body: schemas.CreateTaskBody) -> None:
         key = req.get_header("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
-        session = req.context.session
-        user = current_user(req)
-
-        def validate(task_type, input, params):
-            validate_task_request(task_type, input, params)
-            # Spares the user a charge-and-refund for another user's (or a mistyped) upload id.
-            check_inputs_owned(session, user.id, task_type, input)
-
-        task, created = submit_task(
-            session, user, task_type, body.get("input"), {} if body.get("params") is None else body["params"],
-            idempotency_key=key, validate=validate,
-        )
+        task, created = submit_task(req.context.session, current_user(req), body.type, body.input, body.params,
+                                    idempotency_key=key)
         if created:
-            task_type, task_id = task.type, task.id
-            on_commit(session, lambda: self.queue.send(task_type, task_id))
             resp.status = falcon.HTTP_201
         else:
             resp.set_header("Idempotent-Replayed", "true")
-        resp.media = {"task": task_json(task)}
+        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
 
 
 class TasksResource:
-    def on_get(self, req, resp) -> None:
-        tasks, next_cursor = list_tasks(
-            req.context.session, current_user(req), status=req.get_param("status"),
-            task_type=req.get_param("type"), cursor=req.get_param("cursor"), limit=limit_param(req),
-        )
-        resp.media = {"tasks": [task_json(t) for t in tasks], "nextCursor": next_cursor}
+    @operation("List your tasks, newest first", query=schemas.TaskListQuery, responses={200: schemas.TaskPage})
+    def on_get(self, req, resp, query: schemas.TaskListQuery) -> None:
+        tasks, next_cursor = list_tasks(req.context.session, current_user(req), status=query.status,
+                                        task_type=query.type, cursor=query.cursor, limit=query.limit)
+        resp.media = media(schemas.TaskPage(tasks=[task_out(t) for t in tasks], next_cursor=next_cursor))
 
 
 class TaskStatsResource:
+    @operation("Counts of your tasks and the credits they used", responses={200: schemas.TaskStats})
     def on_get(self, req, resp) -> None:
-        resp.media = task_stats(req.context.session, current_user(req))
+        resp.media = media(schemas.TaskStats(**task_stats(req.context.session, current_user(req))))
 
 
 class TaskResource:
+    @operation("Read one of your tasks (poll it for progress)", responses={200: schemas.TaskEnvelope},
+               errors=(404,))
     def on_get(self, req, resp, task_id: str) -> None:
         # Polled by the frontend: one query, owner check included.
         task = get_task_of(req.context.session, req.context.identity.clerk_id,
                            parse_uuid(task_id, not_found=TaskNotFound))
-        resp.media = {"task": task_json(task)}
+        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
 
 
 class CancelTaskResource:
+    @operation("Cancel a task; refunds it if a worker already charged it", responses={200: schemas.TaskEnvelope},
+               errors=(404, 409))
     def on_patch(self, req, resp, task_id: str) -> None:
         task = cancel_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound))
-        resp.media = {"task": task_json(task)}
+        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
 
 
 class TaskStatusResource:
     auth = "admin"
 
-    def __init__(self, queue):
-        self.queue = queue
-
-    def on_patch(self, req, resp, task_id: str) -> None:
-        body = json_body(req)
-        status, message = body.get("status"), body.get("error")
-        if not isinstance(status, str):
-            raise InvalidInput("status is required", code="invalid_status")
-        if message is not None and not isinstance(message, str):
-            raise InvalidInput("error must be a string", code="invalid_input")
-        session = req.context.session
-        task = admin_set_status(session, parse_uuid(task_id, not_found=TaskNotFound), status, message)
-        if task.status == "pending":
-            task_type, tid = task.type, task.id
-            on_commit(session, lambda: self.queue.send(task_type, tid))
-        resp.media = {"task": task_json(task)}
+    @operation("Fail (and refund) or re-queue a task", body=schemas.TaskStatusBody,
+               responses={200: schemas.TaskEnvelope}, errors=(404, 409))
+    def on_patch(self, req, resp, task_id: str, body: schemas.TaskStatusBody) -> None:
+        task = admin_set_status(req.context.session, parse_uuid(task_id, not_found=TaskNotFound), body.status,
+                                body.error)
+        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))

@@ -22,18 +22,20 @@ import falcon
 from PIL import Image
 
 from models.errors import InvalidInput, UploadNotFound
-from models.uploads import (
-    IMAGE_FORMATS,
-    ImageTooLarge,
-    InvalidImage,
-    UnsupportedMediaType,
-    add_upload,
-    get_upload,
-    sniff_content_type,
-)
+from models.uploads import ImageTooLarge, InvalidImage, UnsupportedMediaType, add_upload, get_upload
+from tasktypes import IMAGE_FORMATS, sniff_content_type
 
+from . import schemas
 from .context import current_user, parse_uuid
-from .serialize import upload_json
+from .openapi import operation
+from .serialize import media
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+UPLOAD_CONTENT = {
+    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/UploadForm"}},
+    "image/*": _BINARY,
+    "application/octet-stream": _BINARY,
+}
 
 CHUNK = 1 << 16
 # Multipart framing (boundaries, part headers, small fields) comes on top of the file.
@@ -157,6 +159,12 @@ class UploadsResource:
         size, sha = copy_capped(source, out, self.max_upload_bytes)
         return size, sha, clean_filename(req.get_header("X-Filename"))
 
+    @operation("Upload an image to use as task input", request_content=UPLOAD_CONTENT, links={201: {
+                   "GetUpload": {"operationId": "get_api_uploads_upload_id",
+                                 "parameters": {"upload_id": "$response.body#/upload/id"}}}},
+               responses={201: schemas.UploadEnvelope}, errors=(411,),
+               description="multipart/form-data with a `file` field, or the raw image as the body (optional "
+                           "X-Filename header). The bytes decide the type: JPEG, PNG, GIF, WebP, BMP or TIFF.")
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         user = current_user(req)
         multipart = (req.content_type or "").lower().startswith("multipart/form-data")
@@ -178,11 +186,12 @@ class UploadsResource:
             self.storage.delete(key)  # no row will name this file
             raise
         resp.status = falcon.HTTP_201
-        resp.media = {"upload": upload_json(upload)}
+        resp.media = media(schemas.UploadEnvelope(upload=upload))
 
 
 class UploadResource:
+    @operation("Read one of your uploads", responses={200: schemas.UploadEnvelope}, errors=(404,))
     def on_get(self, req: falcon.Request, resp: falcon.Response, upload_id: str) -> None:
         upload = get_upload(req.context.session, current_user(req).id,
                             parse_uuid(upload_id, not_found=UploadNotFound))
-        resp.media = {"upload": upload_json(upload)}
+        resp.media = media(schemas.UploadEnvelope(upload=upload))

@@ -2,62 +2,62 @@
 
 from __future__ import annotations
 
-import re
-
 import falcon
 
-from models.credits import credit_summary, list_transactions
-from models.errors import BillingNotConfigured, InvalidInput
-from models.users import initialize_user
+from models.credits import initialize_user, list_transactions
+from models.errors import BillingNotConfigured
+from models.tasks import credit_summary
 
-from .context import current_user, json_body, limit_param
-from .serialize import credits_json, transaction_json, user_json
-
-_CURSOR = re.compile(r"[0-9]{1,19}")
-_MAX_ID = 2**63 - 1
+from . import schemas
+from .context import current_user
+from .openapi import operation, validate
+from .serialize import media
 
 
 class MeResource:
+    @operation("Your profile and balance", responses={200: schemas.UserEnvelope}, errors=(404,))
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = {"user": user_json(current_user(req))}
+        resp.media = media(schemas.UserEnvelope(user=current_user(req)))
 
 
 class CreditsResource:
+    @operation("Your credits: both buckets, what pending tasks reserve, what is available",
+               responses={200: schemas.CreditsOut}, errors=(404,))
     def on_get(self, req, resp) -> None:
-        resp.media = credits_json(credit_summary(req.context.session, current_user(req)))
+        summary = credit_summary(req.context.session, current_user(req))
+        resp.media = media(schemas.CreditsOut(
+            credits=summary.credits, plan_credits=summary.plan_credits, purchased_credits=summary.purchased_credits,
+            reserved=summary.reserved, available=summary.available, next_reset_at=summary.next_reset_at,
+            credit_reset_at=summary.next_reset_at))
 
 
 class TransactionsResource:
-    def on_get(self, req, resp) -> None:
+    @operation("Your ledger, newest first", query=schemas.TransactionQuery, responses={200: schemas.TransactionPage},
+               errors=(404,))
+    def on_get(self, req, resp, query: schemas.TransactionQuery) -> None:
         user = current_user(req)
-        cursor = req.get_param("cursor")
-        before = None
-        if cursor:
-            # ASCII digits only (str.isdigit also takes "²", which int() refuses), and within
-            # the BIGINT id column so the query cannot fail with "out of range".
-            if not _CURSOR.fullmatch(cursor) or int(cursor) > _MAX_ID:
-                raise InvalidInput("cursor is not valid", code="invalid_cursor")
-            before = int(cursor)
-        limit = limit_param(req)
-        rows = list_transactions(req.context.session, user.id, before_id=before, limit=limit + 1)
-        page = rows[:limit]
-        resp.media = {
-            "transactions": [transaction_json(t) for t in page],
-            "nextCursor": str(page[-1].id) if len(rows) > limit else None,
-        }
+        before = int(query.cursor) if query.cursor else None
+        rows = list_transactions(req.context.session, user.id, before_id=before, limit=query.limit + 1)
+        page = rows[:query.limit]
+        resp.media = media(schemas.TransactionPage(
+            transactions=page,
+            next_cursor=str(page[-1].id) if len(rows) > query.limit else None,
+        ))
 
 
 class InitializeResource:
-    def on_post(self, req, resp) -> None:
-        body = json_body(req, required=False)
+    @operation("Create your user on the free plan with its first credits (idempotent)",
+               body=schemas.InitializeBody, body_required=False,
+               responses={201: schemas.InitializedUser, 200: schemas.InitializedUser})
+    def on_post(self, req, resp, body: schemas.InitializeBody) -> None:
+        # What the body leaves out comes from the token, held to the same schema.
         claims = req.context.identity.claims
-        email, name = body.get("email", claims.get("email")), body.get("name", claims.get("name"))
-        for field, value in (("email", email), ("name", name)):
-            if value is not None and (not isinstance(value, str) or len(value) > 255):
-                raise InvalidInput(f"{field} must be a string of at most 255 characters")
-        user, created = initialize_user(req.context.session, req.context.identity.clerk_id, email=email, name=name)
+        given = {"email": claims.get("email"), "name": claims.get("name"), **body.model_dump(exclude_unset=True)}
+        profile = validate(schemas.InitializeBody, given)
+        user, created = initialize_user(req.context.session, req.context.identity.clerk_id, email=profile.email,
+                                        name=profile.name)
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
-        resp.media = {"user": user_json(user), "created": created}
+        resp.media = media(schemas.InitializedUser(user=user, created=created))
 
 
 class UpgradePlanResource:
@@ -66,6 +66,7 @@ class UpgradePlanResource:
     def __init__(self, billing_upgrade=None):
         self.billing_upgrade = billing_upgrade
 
+    @operation("Change your plan (same as POST /api/billing/upgrade-plan)", responses={200: {}}, errors=(503,))
     def on_post(self, req, resp) -> None:
         if self.billing_upgrade is None:
             raise BillingNotConfigured()

@@ -243,14 +243,15 @@ def measure_video_direct(paths: list[str], seconds: float, size: tuple[int, int]
                          workdir: str) -> dict[str, float]:
     """ffmpeg alone: the frames of the first 2 s of our video are rendered once, kept in
     memory, and piped in a loop for the whole length."""
-    from models.params import normalize_video_params
+    from tasktypes.params import normalize_params
     from worker.processors.base import InputFile
     from worker.processors.video import (
         Timeline, _Sources, ffmpeg_command, render_frame, video_encoder,
     )
 
-    spec = normalize_video_params({"duration": seconds, "fps": fps, "width": size[0], "height": size[1],
-                                   "motion": "ken_burns", "transition": "crossfade"})
+    spec = normalize_params("video_generation", {"duration": seconds, "fps": fps, "width": size[0],
+                                                 "height": size[1], "motion": "ken_burns",
+                                                 "transition": "crossfade"})
     inputs = [InputFile(Path(p), "image/jpeg") for p in paths]
     timeline = Timeline(len(inputs), spec["duration"], fps, spec["transition"], spec["transitionDuration"])
     sources = _Sources(inputs, spec, 10**9)

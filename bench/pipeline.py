@@ -320,12 +320,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         procs.callback(bare_worker.stop)
 
         # Enterprise users, each given at most its in-flight limit per round (no 429 by design).
-        from models.plans import TASK_COSTS
+        from tasktypes import spec_for
 
         with env.engine.connect() as conn:
             limit = conn.execute(text("SELECT max_concurrent_tasks FROM plans WHERE id = 'enterprise'")).scalar()
         user_count = max(1, math.ceil(n / limit))
-        per_user = math.ceil((2 * n * args.rounds + warm) / user_count) * TASK_COSTS[args.type]["base"]
+        per_user = math.ceil((2 * n * args.rounds + warm) / user_count) * spec_for(args.type).price["base"]
         users = create_users(env, base_url, user_count, plan="enterprise", min_credits=per_user + 10)
 
         print("pipeline: warming up both workers...", flush=True)

@@ -126,7 +126,7 @@ def process_env(var_dir: Path) -> dict[str, str]:
 def ensure_dev_user(database_url: str) -> bool:
     """The user the development token names; True when it was created just now."""
     from models.db import create_engine, make_session_factory, session_scope
-    from models.users import initialize_user
+    from models.credits import initialize_user
 
     engine = create_engine(database_url, pool_size=1, max_overflow=0)
     try:

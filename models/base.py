@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import DateTime, MetaData
 from sqlalchemy.orm import DeclarativeBase
+
+from .errors import InvalidInput
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -28,3 +32,27 @@ def utcnow() -> datetime:
 def sql_in(column: str, values: tuple[str, ...]) -> str:
     """`column IN ('a', 'b')` for CHECK constraints over a fixed vocabulary."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input") -> None:
+    """Refuse what PostgreSQL's JSON and text columns cannot hold: NUL characters, lone
+    surrogates, NaN and infinities (Python's json accepts all of them)."""
+    stack = [value]
+    while stack:  # iterative: a deeply nested body must not overflow the stack
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidInput(f"The {what} holds a NUL character", code=code)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput(f"The {what} holds an invalid Unicode character", code=code) from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidInput(f"The {what} holds NaN or an infinity", code=code)
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            raise InvalidInput(f"The {what} holds a value that is not JSON", code=code)

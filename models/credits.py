@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import calendar
 import uuid
-from dataclasses import dataclass
 from datetime import date, datetime
 
 from sqlalchemy import (
@@ -25,18 +24,18 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    bindparam,
     func,
     select,
     text,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from sqlalchemy.orm.util import identity_key
 
 from .base import Base, sql_in, utcnow
-from .db import attach_inserted, set_synced
 from .errors import InsufficientCredits, UserNotFound
-from .users import User, lock_user
+from .plans import FREE_PLAN_ID, get_plan
+from .users import User, get_user, lock_user
 
 TRANSACTION_TYPES = (
     "signup_grant",
@@ -108,28 +107,6 @@ class Transaction(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
-# Built once: a statement object memoizes its cache key, so the hot path (every task start
-# and refund) skips rebuilding and re-hashing it; both are plain Core on the tables.
-_users = User.__table__
-_MOVE_BUCKETS = (
-    _users.update()
-    .where(
-        _users.c.id == bindparam("user_id"),
-        _users.c.plan_credits + bindparam("plan_delta") >= 0,
-        _users.c.purchased_credits + bindparam("purchased_delta") >= 0,
-    )
-    .values(
-        plan_credits=_users.c.plan_credits + bindparam("plan_delta"),
-        purchased_credits=_users.c.purchased_credits + bindparam("purchased_delta"),
-    )
-    .returning(_users.c.plan_credits, _users.c.purchased_credits, _users.c.credits)
-)
-_LOCK_BUCKETS = (
-    select(_users.c.plan_credits, _users.c.purchased_credits).where(_users.c.id == bindparam("user_id")).with_for_update()
-)
-_APPEND_ENTRY = Transaction.__table__.insert().returning(Transaction.__table__.c.id)
-
-
 def post_entry(
     session: Session,
     user_id: uuid.UUID,
@@ -151,26 +128,25 @@ def post_entry(
     """
     if plan_delta == 0 and purchased_delta == 0:
         raise ValueError("a ledger entry must move credits")
-    session.flush()  # Core statements below do not autoflush what the caller has pending
-    row = session.execute(
-        _MOVE_BUCKETS, {"user_id": user_id, "plan_delta": plan_delta, "purchased_delta": purchased_delta}
+    # RETURNING the row refreshes the User the session may hold (its generated balance too).
+    user = session.scalars(
+        update(User)
+        .where(User.id == user_id, User.plan_credits + plan_delta >= 0, User.purchased_credits + purchased_delta >= 0)
+        .values(plan_credits=User.plan_credits + plan_delta, purchased_credits=User.purchased_credits + purchased_delta)
+        .returning(User),
+        execution_options={"synchronize_session": False, "populate_existing": True},
     ).one_or_none()
-    if row is None:
+    if user is None:
         if session.get(User, user_id) is None:
             raise UserNotFound()
         raise InsufficientCredits()
-    # Keep an already-loaded User in step with the row (the generated column included).
-    user = session.identity_map.get(identity_key(User, user_id))
-    if user is not None:
-        set_synced(session, user, plan_credits=row.plan_credits, purchased_credits=row.purchased_credits,
-                   credits=row.credits)
-    values = dict(
+    entry = Transaction(
         user_id=user_id,
         amount=plan_delta + purchased_delta,
         plan_delta=plan_delta,
         purchased_delta=purchased_delta,
         bucket="both" if plan_delta and purchased_delta else ("plan" if plan_delta else "purchased"),
-        balance_after=row.credits,
+        balance_after=user.credits,
         type=type,
         task_id=task_id,
         refund_of_id=refund_of.id if refund_of is not None else None,
@@ -178,9 +154,10 @@ def post_entry(
         stripe_event_id=stripe_event_id,
         period=period,
         description=description,
-        created_at=utcnow(),
     )
-    return attach_inserted(session, Transaction(id=session.execute(_APPEND_ENTRY, values).scalar_one(), **values))
+    session.add(entry)
+    session.flush()
+    return entry
 
 
 def spend_credits(
@@ -191,13 +168,10 @@ def spend_credits(
     if amount <= 0:
         raise ValueError("amount must be positive")
     # The lock makes the split below the one the UPDATE applies.
-    buckets = session.execute(_LOCK_BUCKETS, {"user_id": user_id}).one_or_none()
-    if buckets is None:
-        raise UserNotFound()
-    plan_credits, purchased_credits = buckets
-    if plan_credits + purchased_credits < amount:
+    user = lock_user(session, user_id)
+    if user.credits < amount:
         raise InsufficientCredits()
-    from_plan = min(plan_credits, amount)
+    from_plan = min(user.plan_credits, amount)
     return post_entry(
         session, user_id, type=type, plan_delta=-from_plan, purchased_delta=-(amount - from_plan),
         task_id=task_id, description=description,
@@ -220,9 +194,28 @@ def add_months(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=day)
 
 
-def grant_signup_credits(session: Session, user: User) -> Transaction | None:
-    from .plans import get_plan
+def initialize_user(
+    session: Session, clerk_id: str, *, email: str | None = None, name: str | None = None
+) -> tuple[User, bool]:
+    """Create the user on the free plan with its first grant; return the existing one otherwise.
 
+    Idempotent under concurrency: the INSERT .. ON CONFLICT waits on the unique clerk_id
+    of a concurrent initializer, so exactly one caller creates the row and grants credits.
+    """
+    user_id = session.scalar(
+        insert(User)
+        .values(id=uuid.uuid4(), clerk_id=clerk_id, email=email, name=name, plan_id=FREE_PLAN_ID)
+        .on_conflict_do_nothing(index_elements=[User.clerk_id])
+        .returning(User.id)
+    )
+    if user_id is None:
+        return get_user(session, clerk_id), False
+    user = lock_user(session, user_id)
+    grant_signup_credits(session, user)
+    return user, True
+
+
+def grant_signup_credits(session: Session, user: User) -> Transaction | None:
     plan = get_plan(session, user.plan_id)
     user.credit_reset_at = add_months(utcnow(), 1)
     if plan.monthly_credits == 0:
@@ -238,8 +231,6 @@ def reset_plan_credits(session: Session, user_id: uuid.UUID, now: datetime | Non
     (user, type, period) index makes a second reset for the same period impossible even if
     beat fires twice at once. Returns False when the user's reset is not due yet.
     """
-    from .plans import get_plan
-
     now = now or utcnow()
     user = lock_user(session, user_id)
     if user.credit_reset_at is None or user.credit_reset_at > now:
@@ -265,30 +256,6 @@ def users_due_for_reset(session: Session, now: datetime | None = None, limit: in
     return list(session.scalars(
         select(User.id).where(User.credit_reset_at <= (now or utcnow())).order_by(User.credit_reset_at).limit(limit)
     ))
-
-
-@dataclass(frozen=True)
-class CreditSummary:
-    credits: int
-    plan_credits: int
-    purchased_credits: int
-    reserved: int
-    available: int
-    next_reset_at: datetime | None
-
-
-def credit_summary(session: Session, user: User) -> CreditSummary:
-    from .tasks import in_flight_and_reserved
-
-    _, reserved = in_flight_and_reserved(session, user.id)
-    return CreditSummary(
-        credits=user.credits,
-        plan_credits=user.plan_credits,
-        purchased_credits=user.purchased_credits,
-        reserved=reserved,
-        available=max(0, user.credits - reserved),
-        next_reset_at=user.credit_reset_at,
-    )
 
 
 def list_transactions(

@@ -1,4 +1,4 @@
-"""Engine, sessions and the after-commit hook.
+"""Engine, sessions, and the outbox that sends task messages after commit.
 
 Operations in `models/` only flush; the caller owns the transaction. `session_scope()` is
 that caller in Celery tasks and scripts; the API's session middleware is the other one.
@@ -7,20 +7,23 @@ that caller in Celery tasks and scripts; the API's session middleware is the oth
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
-_AFTER_COMMIT = "studiox.after_commit"
-_INSERTED = "studiox.core_inserted"
-_SYNCED = "studiox.core_synced"
+_OUTBOX = "studiox.outbox"
+_SENDER = "studiox.send_task"
+
+# Publishes one task message: (task type, task id). The API and the worker each pass their
+# Celery-backed sender; `models/` never sees Celery.
+SendTask = Callable[[str, uuid.UUID], None]
 
 
 def create_engine(url: str, **kwargs) -> Engine:
@@ -30,8 +33,14 @@ def create_engine(url: str, **kwargs) -> Engine:
     return _create_engine(url, **kwargs)
 
 
-def make_session_factory(engine_or_conn, **kwargs) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine_or_conn, expire_on_commit=False, **kwargs)
+def make_session_factory(bind, *, send_task: SendTask | None = None, **kwargs) -> sessionmaker[Session]:
+    info = {_SENDER: send_task} if send_task is not None else {}
+    return sessionmaker(bind=bind, expire_on_commit=False, info=info, **kwargs)
+
+
+def set_sender(session: Session, send_task: SendTask) -> None:
+    """Give a session made elsewhere (a test's, the API's) the sender its outbox uses."""
+    session.info[_SENDER] = send_task
 
 
 @contextmanager
@@ -47,63 +56,36 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def on_commit(session: Session, callback: Callable[[], object]) -> None:
-    """Run `callback` once the session's transaction has committed; drop it on rollback.
+def enqueue_after_commit(session: Session, task_type: str, task_id: uuid.UUID) -> None:
+    """Send the task's message once the session's transaction has committed; never on rollback.
 
-    A task message must name a committed row: sent earlier, a worker could load a row that
-    is later rolled back, or not find it yet.
+    The one way a task message leaves: the API's submission, an operator's re-queue and the
+    lost-message sweep all come through here. A message must name a committed row: sent
+    earlier, a worker could load a row that is later rolled back, or not find it yet.
     """
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+    session.info.setdefault(_OUTBOX, []).append((task_type, task_id))
 
 
 @event.listens_for(Session, "after_commit")
-def _run_after_commit(session: Session) -> None:
+def _flush_outbox(session: Session) -> None:
     # Only the outermost commit means the row is visible to other connections.
     if session.in_nested_transaction():
         return
-    # Committed: Core writes are no longer the rollback hook's business.
-    session.info.pop(_INSERTED, None)
-    session.info.pop(_SYNCED, None)
-    callbacks = session.info.pop(_AFTER_COMMIT, [])
-    for callback in callbacks:
-        try:
-            callback()
-        except Exception:  # the row is committed; the sweeper re-sends lost messages
-            log.exception("after-commit callback failed")
-
-
-def attach_inserted(session: Session, obj):
-    """Make `obj`, whose row a Core INSERT just wrote with every column, a persistent object
-    of the session: what a unit-of-work flush leaves behind, at a fraction of its cost on
-    the paths every task takes. A rollback detaches it again (see below)."""
-    make_transient_to_detached(obj)
-    session.add(obj)
-    session.info.setdefault(_INSERTED, []).append(obj)
-    return obj
-
-
-def set_synced(session: Session, obj, **values) -> None:
-    """Set loaded attributes of `obj` (None: the session holds no such object) to what a
-    Core UPDATE just wrote to its row, without marking them changed; a rollback expires
-    them again (see below)."""
-    if obj is None:
+    outbox = session.info.pop(_OUTBOX, [])
+    if not outbox:
         return
-    for name, value in values.items():
-        set_committed_value(obj, name, value)
-    session.info.setdefault(_SYNCED, []).append(obj)
+    send = session.info.get(_SENDER)
+    if send is None:
+        log.warning("%d task message(s) committed with no sender; the sweep will send them", len(outbox))
+        return
+    for task_type, task_id in outbox:
+        try:
+            send(task_type, task_id)
+        except Exception:  # the row is committed; the sweep re-sends lost messages
+            log.exception("sending the message of task %s failed", task_id)
 
 
 @event.listens_for(Session, "after_soft_rollback")
-def _drop_after_rollback(session: Session, previous_transaction) -> None:
+def _drop_outbox(session: Session, previous_transaction) -> None:
     if previous_transaction.parent is None:
-        session.info.pop(_AFTER_COMMIT, None)
-    # The session's rollback bookkeeping knows nothing of Core writes: detach the rows
-    # attach_inserted attached, so none is taken for a row the rollback removed, and expire
-    # what set_synced set. (After a savepoint rollback this also covers earlier writes: a
-    # detached object keeps its values, an expired one reloads.)
-    for obj in session.info.pop(_INSERTED, []):
-        if obj in session:
-            session.expunge(obj)
-    for obj in session.info.pop(_SYNCED, []):
-        if obj in session:
-            session.expire(obj)
+        session.info.pop(_OUTBOX, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,10 +10,10 @@ from sqlalchemy import CheckConstraint, Integer, String, select
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base
-from .errors import InvalidInput, PlanNotFound
+from tasktypes import TASK_TYPE_SPECS, spec_for
 
-TASK_TYPES = ("image_analysis", "advanced_editing", "video_generation")
+from .base import Base
+from .errors import PlanNotFound
 
 
 class Plan(Base):
@@ -38,45 +39,20 @@ class Plan(Base):
 
 FREE_PLAN_ID = "free"
 
-# The price list, in credits. Costs are fixed at submission (`ai_tasks.credits_used`), so a
-# change here never re-prices a task already accepted.
-TASK_COSTS: dict[str, dict[str, Any]] = {
-    "image_analysis": {"base": 1, "unit": "task", "description": "1 credit per image"},
-    "advanced_editing": {
-        "base": 2,
-        "per_operation": 0,
-        "unit": "task",
-        "description": "2 credits per edit chain (any number of operations)",
-    },
-    "video_generation": {
-        "base": 0,
-        "per_second": 2,
-        "min": 4,
-        "unit": "second",
-        "description": "2 credits per second of video, at least 4",
-    },
-}
 
-VIDEO_DEFAULT_SECONDS = 4
-VIDEO_MAX_SECONDS = 120
-
-
-def task_cost(task_type: str, params: dict[str, Any]) -> int:
-    """Credits a task of this type and params costs. Deterministic from the request alone."""
-    if task_type not in TASK_COSTS:
-        raise InvalidInput(f"Unknown task type {task_type!r}", code="invalid_task_type")
-    price = TASK_COSTS[task_type]
-    if task_type == "video_generation":
-        seconds = params.get("duration", VIDEO_DEFAULT_SECONDS)
-        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 < seconds <= VIDEO_MAX_SECONDS:
-            raise InvalidInput(f"params.duration must be a number of seconds in (0, {VIDEO_MAX_SECONDS}]", code="invalid_params")
+def task_cost(task_type: str, params) -> int:
+    """Credits a task of this type and (validated) params costs, from the price list in
+    `tasktypes`. Deterministic from the request alone, and fixed on the task at submission
+    (`ai_tasks.credits_used`), so a change of price never re-prices an accepted task."""
+    price = spec_for(task_type).price
+    if "per_second" in price:
         # Whole seconds, rounded up: a 2.5 s video costs as much as a 3 s one.
-        return max(price["min"], price["per_second"] * -int(-seconds // 1))
+        return max(price["min"], price["base"] + price["per_second"] * math.ceil(params.duration))
     return price["base"]
 
 
 def price_list() -> dict[str, dict[str, Any]]:
-    return {name: dict(entry) for name, entry in TASK_COSTS.items()}
+    return {name: dict(spec.price) for name, spec in TASK_TYPE_SPECS.items()}
 
 
 def list_plans(session: Session) -> list[Plan]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import (
     CheckConstraint,
     ForeignKey,
@@ -25,20 +26,23 @@ from sqlalchemy import (
     String,
     Text,
     and_,
-    bindparam,
     func,
     or_,
     select,
     text,
     tuple_,
+    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from sqlalchemy.orm.util import identity_key
 
-from .base import Base, sql_in, utcnow
-from .db import attach_inserted, set_synced
+from tasktypes import TASK_TYPES, queue_for
+from tasktypes.inputs import input_sources, source_ref
+from tasktypes.params import parse_params
+
+from .base import Base, check_storable, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
+from .db import enqueue_after_commit
 from .errors import (
     IdempotencyKeyReused,
     InsufficientCredits,
@@ -49,8 +53,8 @@ from .errors import (
     TaskNotFound,
     TooManyTasksInFlight,
 )
-from .params import check_storable
-from .plans import TASK_TYPES, get_plan, task_cost
+from .plans import get_plan, task_cost
+from .uploads import check_inputs_owned
 from .users import User, lock_user
 
 STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
@@ -105,35 +109,66 @@ class AiTask(Base):
         return self.status in FINAL_STATUSES
 
 
-def queue_for(task_type: str) -> str:
-    """One queue per task type, named after it (celeryconfig routes by the same names)."""
-    return task_type
-
-
 def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> str:
     canonical = json.dumps({"type": task_type, "input": input, "params": params}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None = None) -> AiTask | None:
-    query = select(AiTask).where(AiTask.id == task_id).with_for_update().execution_options(populate_existing=True)
-    if user_id is not None:
-        query = query.where(AiTask.user_id == user_id)
-    return session.scalar(query)
-
-
-_INSERT_TASK = AiTask.__table__.insert()
-_IN_FLIGHT_AND_RESERVED = (
-    select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
-    .where(AiTask.user_id == bindparam("user_id"), AiTask.status.in_(IN_FLIGHT))
-)
+    task = session.get(AiTask, task_id, with_for_update=True, populate_existing=True)
+    if task is None or (user_id is not None and task.user_id != user_id):
+        return None
+    return task
 
 
 def in_flight_and_reserved(session: Session, user_id: uuid.UUID) -> tuple[int, int]:
     """The user's tasks in flight, and the credits promised to the pending ones (charged
     when a worker starts them), in one query served by the in-flight index."""
-    count, reserved = session.execute(_IN_FLIGHT_AND_RESERVED, {"user_id": user_id}).one()
+    count, reserved = session.execute(
+        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
+        .where(AiTask.user_id == user_id, AiTask.status.in_(IN_FLIGHT))
+    ).one()
     return int(count), int(reserved)
+
+
+@dataclass(frozen=True)
+class CreditSummary:
+    credits: int
+    plan_credits: int
+    purchased_credits: int
+    reserved: int
+    available: int
+    next_reset_at: datetime | None
+
+
+def credit_summary(session: Session, user: User) -> CreditSummary:
+    _, reserved = in_flight_and_reserved(session, user.id)
+    return CreditSummary(
+        credits=user.credits,
+        plan_credits=user.plan_credits,
+        purchased_credits=user.purchased_credits,
+        reserved=reserved,
+        available=max(0, user.credits - reserved),
+        next_reset_at=user.credit_reset_at,
+    )
+
+
+def validate_task_request(task_type: Any, input: Any, params: Any):
+    """The request's params as their schema reads them; InvalidInput (400) naming the first
+    failing field otherwise. Nothing here touches the database."""
+    if task_type not in TASK_TYPES:
+        raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
+    if input is None:
+        raise InvalidInput("input is required", code="invalid_input")
+    try:
+        for source in input_sources(task_type, input):
+            source_ref(source, "input")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_input") from None
+    try:
+        return parse_params(task_type, params)
+    except ValidationError as exc:
+        raise InvalidInput.from_validation(exc, params, prefix="params", code="invalid_params") from None
 
 
 def submit_task(
@@ -144,22 +179,19 @@ def submit_task(
     params: dict[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
-    validate=None,
 ) -> tuple[AiTask, bool]:
-    """Admit a task: plan allows the type, in-flight under the limit, available credits cover it.
+    """Admit a task: valid request, own uploads, plan allows the type, in-flight under the
+    limit, available credits cover it; then its message is sent after commit.
 
     Runs with the user's row locked, so concurrent submissions see each other's pending
     reservations and an Idempotency-Key retried at once finds the first row. Returns
     (task, created); nothing is charged here, the worker charges when it starts.
     """
     params = {} if params is None else params
-    if task_type not in TASK_TYPES:
-        raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
-    if not isinstance(params, dict):
-        raise InvalidInput("params must be an object", code="invalid_params")
-    cost = task_cost(task_type, params)
-    if validate is not None:
-        validate(task_type, input, params)
+    parsed = validate_task_request(task_type, input, params)
+    cost = task_cost(task_type, parsed)
+    # Spares the user a charge-and-refund for another user's (or a mistyped) upload id.
+    check_inputs_owned(session, user.id, task_type, input)
     fingerprint = request_fingerprint(task_type, input, params)
 
     user = lock_user(session, user.id)
@@ -184,20 +216,12 @@ def submit_task(
     if available < cost:
         raise InsufficientCredits(f"This task costs {cost} credits; you have {max(available, 0)} available")
 
-    values = dict(
-        id=uuid.uuid4(), user_id=user.id, type=task_type, status="pending", input=input, params=params,
-        credits_used=cost, progress=0, error=None, error_code=None, queue=queue_for(task_type), attempt=0,
-        idempotency_key=idempotency_key, request_hash=fingerprint, created_at=utcnow(), started_at=None,
-        completed_at=None, enqueued_at=None,
-    )
-    # `output` is left out: None would be stored as JSON null, not SQL NULL.
-    session.execute(_INSERT_TASK, values)
-    return attach_inserted(session, AiTask(output=None, **values)), True
-
-
-def mark_enqueued(session: Session, task_ids: list[uuid.UUID]) -> None:
-    if task_ids:
-        session.execute(AiTask.__table__.update().where(AiTask.id.in_(task_ids)).values(enqueued_at=utcnow()))
+    task = AiTask(user_id=user.id, type=task_type, status="pending", input=input, params=params, credits_used=cost,
+                  queue=queue_for(task_type), idempotency_key=idempotency_key, request_hash=fingerprint)
+    session.add(task)
+    session.flush()
+    enqueue_after_commit(session, task.type, task.id)
+    return task, True
 
 
 @dataclass(frozen=True)
@@ -212,34 +236,6 @@ class TaskWork:
     attempt: int
 
 
-_tasks = AiTask.__table__
-# Built once (see models/credits.py): the worker runs these for every task it starts.
-_LOCK_FOR_START = (
-    select(_tasks.c.user_id, _tasks.c.type, _tasks.c.status, _tasks.c.input, _tasks.c.params,
-           _tasks.c.credits_used, _tasks.c.attempt)
-    .where(_tasks.c.id == bindparam("task_id"))
-    .with_for_update()
-)
-_MARK_STARTED = (
-    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
-    .values(status="processing", started_at=bindparam("now"), attempt=_tasks.c.attempt + 1)
-)
-_MARK_RESUMED = _tasks.update().where(_tasks.c.id == bindparam("task_id")).values(attempt=_tasks.c.attempt + 1)
-_MARK_UNFUNDED = (
-    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
-    .values(status="failed", error_code="insufficient_credits", error=bindparam("error"), completed_at=bindparam("now"))
-)
-
-# One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel it
-# re-checks `status` on the newest row version, so exactly one of the two acts.
-_COMPLETE = (
-    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
-    .values(status="completed", output=bindparam("output", type_=JSONB), progress=100,
-            completed_at=bindparam("now"), error=None, error_code=None)
-    .returning(_tasks.c.id)
-)
-
-
 def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False) -> TaskWork | None:
     """Charge and move a pending task to processing; or resume one whose runner died.
 
@@ -249,53 +245,41 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
     charges again (and the unique charge index would refuse it anyway).
     """
     # The row lock serializes this start with a cancel, a second delivery and the reaper.
-    row = session.execute(_LOCK_FOR_START, {"task_id": task_id}).one_or_none()
-    if row is None:
+    task = _lock_task(session, task_id)
+    if task is None:
         return None
-    loaded = session.identity_map.get(identity_key(AiTask, task_id))
-    if loaded is not None:
-        # What this session holds may predate the lock (never so in a worker); the writes
-        # below are Core and update it field by field.
-        session.refresh(loaded)
-    if row.status == "pending":
+    if task.status == "pending":
         try:
             # spend_credits raises before it writes anything, so no savepoint is needed.
-            spend_credits(session, row.user_id, row.credits_used, type="credit_deduction", task_id=task_id,
-                          description=f"{row.type} task")
+            spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
+                          description=f"{task.type} task")
         except InsufficientCredits:
-            values = {"now": utcnow(), "error": f"Not enough credits: this task costs {row.credits_used}"}
-            session.execute(_MARK_UNFUNDED, {"task_id": task_id, **values})
-            set_synced(session, loaded, status="failed", error_code="insufficient_credits",
-                       error=values["error"], completed_at=values["now"])
+            task.status, task.completed_at = "failed", utcnow()
+            task.error_code, task.error = "insufficient_credits", f"Not enough credits: this task costs {task.credits_used}"
+            session.flush()
             return None
-        now = utcnow()
-        session.execute(_MARK_STARTED, {"task_id": task_id, "now": now})
-        set_synced(session, loaded, status="processing", started_at=now, attempt=row.attempt + 1)
-    elif row.status == "processing" and may_resume:
-        if row.attempt >= MAX_ATTEMPTS:
+        task.status, task.started_at = "processing", utcnow()
+    elif task.status == "processing" and may_resume:
+        if task.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
             # otherwise be redelivered forever while charged: give up and refund.
             fail_task(session, task_id, "The task stopped its worker repeatedly and was given up", "worker_lost")
             return None
-        session.execute(_MARK_RESUMED, {"task_id": task_id})
-        set_synced(session, loaded, attempt=row.attempt + 1)
     else:
         return None
-    return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)
+    task.attempt += 1
+    session.flush()
+    return TaskWork(task.id, task.user_id, task.type, task.input, dict(task.params or {}), task.attempt)
 
 
 def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:
     """Store progress while processing; return the task's current status (for cancellation)."""
     progress = max(0, min(100, int(progress)))
-    status = session.execute(
-        AiTask.__table__.update()
-        .where(AiTask.id == task_id, AiTask.status == "processing")
-        .values(progress=progress)
-        .returning(AiTask.status)
-    ).scalar_one_or_none()
-    if status is None:
-        status = session.scalar(select(AiTask.status).where(AiTask.id == task_id))
-    return status
+    session.execute(
+        update(AiTask).where(AiTask.id == task_id, AiTask.status == "processing").values(progress=progress),
+        execution_options={"synchronize_session": False},
+    )
+    return task_status(session, task_id)
 
 
 def task_status(session: Session, task_id: uuid.UUID) -> str | None:
@@ -305,14 +289,19 @@ def task_status(session: Session, task_id: uuid.UUID) -> str | None:
 def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) -> bool:
     """Store the output if the task is still processing; False means drop the result.
 
-    One statement, so the worker may run it outside a transaction (autocommit); keep it one.
+    One conditional UPDATE: it takes the row lock, and after waiting for a concurrent cancel
+    it re-checks `status` on the newest row version, so exactly one of the two acts.
 
     Raises InvalidInput (code output_invalid) for an output PostgreSQL cannot store (NUL
     characters, lone surrogates, NaN), so the caller fails and refunds instead.
     """
     check_storable(output, "output", code="output_invalid")
-    done = session.execute(_COMPLETE, {"task_id": task_id, "output": output, "now": utcnow()}).first()
-    return done is not None
+    result = session.execute(
+        update(AiTask).where(AiTask.id == task_id, AiTask.status == "processing")
+        .values(status="completed", output=output, progress=100, completed_at=utcnow(), error=None, error_code=None),
+        execution_options={"synchronize_session": False},
+    )
+    return result.rowcount == 1
 
 
 def refund_task(session: Session, task: AiTask, reason: str) -> Transaction | None:
@@ -370,6 +359,8 @@ def admin_set_status(session: Session, task_id: uuid.UUID, status: str, message:
         fail_task(session, task_id, message or "Failed by an operator", code="failed_by_operator")
     elif task.status != "pending":
         raise InvalidTransition("Only a pending task can be re-queued")
+    else:
+        enqueue_after_commit(session, task.type, task.id)
     session.refresh(task)
     return task
 
@@ -454,14 +445,22 @@ def task_stats(session: Session, user: User) -> dict[str, Any]:
     }
 
 
-def lost_pending_tasks(session: Session, older_than: timedelta, limit: int = 500) -> list[AiTask]:
-    """Pending tasks whose message should long have been picked up (broker lost it, or the
-    enqueue after commit failed)."""
+def requeue_lost_tasks(session: Session, older_than: timedelta, limit: int = 500) -> int:
+    """Re-send pending tasks whose message should long have been picked up (the broker lost
+    it, or the send after commit failed). A second message for a task is harmless: the first
+    delivery moves it out of `pending`, the other finds it stale. Reads ids and types only."""
     cutoff = utcnow() - older_than
-    return list(session.scalars(
-        select(AiTask).where(AiTask.status == "pending", func.coalesce(AiTask.enqueued_at, AiTask.created_at) < cutoff)
+    lost = session.execute(
+        select(AiTask.id, AiTask.type)
+        .where(AiTask.status == "pending", func.coalesce(AiTask.enqueued_at, AiTask.created_at) < cutoff)
         .order_by(AiTask.created_at).limit(limit)
-    ))
+    ).all()
+    if lost:
+        session.execute(update(AiTask).where(AiTask.id.in_([row.id for row in lost])).values(enqueued_at=utcnow()),
+                        execution_options={"synchronize_session": False})
+    for row in lost:
+        enqueue_after_commit(session, row.type, row.id)
+    return len(lost)
 
 
 def stuck_processing_tasks(session: Session, older_than: dict[str, timedelta], limit: int = 500) -> list[uuid.UUID]:

@@ -9,9 +9,10 @@ from typing import Any
 from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from tasktypes.inputs import input_sources, source_ref
+
 from .base import Base, utcnow
-from .errors import DomainError, UploadNotFound
-from .params import input_sources, source_ref
+from .errors import DomainError, InvalidInput, UploadNotFound
 
 
 class Upload(Base):
@@ -51,44 +52,6 @@ class ImageTooLarge(DomainError):
     code = "image_too_large"
 
 
-# The image formats the service accepts, by media type, with the Pillow decoder for each.
-# Pillow can open more (EPS hands the file to Ghostscript, for one); an upload is untrusted,
-# so only the common raster formats get through, at upload and again in the processors.
-IMAGE_FORMATS = {
-    "image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WEBP",
-    "image/bmp": "BMP", "image/tiff": "TIFF",
-}
-
-# Magic numbers of the formats the processors read. Sniffed from the bytes, never taken
-# from a file name or a client's Content-Type, which cost nothing to forge.
-_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\xff\xd8\xff", "image/jpeg"),
-    (0, b"\x89PNG\r\n\x1a\n", "image/png"),
-    (0, b"GIF87a", "image/gif"),
-    (0, b"GIF89a", "image/gif"),
-    (0, b"BM", "image/bmp"),
-    (0, b"II*\x00", "image/tiff"),
-    (0, b"MM\x00*", "image/tiff"),
-)
-
-
-def sniff_content_type(head: bytes) -> str:
-    """The media type the first bytes of a file announce; application/octet-stream if unknown."""
-    for offset, magic, media_type in _SIGNATURES:
-        if head[offset:offset + len(magic)] == magic:
-            return media_type
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in (b"heic", b"heix", b"mif1", b"msf1"):
-            return "image/heic"
-        if brand == b"qt  ":
-            return "video/quicktime"
-        return "video/mp4"
-    return "application/octet-stream"
-
-
 def add_upload(session: Session, user_id: uuid.UUID, **fields) -> Upload:
     upload = Upload(user_id=user_id, **fields)
     session.add(upload)
@@ -125,7 +88,10 @@ def check_inputs_owned(session: Session, user_id: uuid.UUID, task_type: str, inp
     The worker checks again when it resolves the inputs (an upload could be deleted in
     between); this check only spares the user a charge-and-refund for a typo.
     """
-    refs = [ref for kind, ref in map(source_ref, input_sources(task_type, input)) if kind == "upload"]
+    try:
+        refs = [ref for kind, ref in map(source_ref, input_sources(task_type, input)) if kind == "upload"]
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_input") from None
     if not refs:
         return
     ids: set[uuid.UUID] = set()

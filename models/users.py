@@ -5,17 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import (
-    CheckConstraint,
-    Computed,
-    ForeignKey,
-    Integer,
-    String,
-    bindparam,
-    func,
-    select,
-)
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import CheckConstraint, Computed, ForeignKey, Integer, String, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
@@ -44,13 +34,8 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
-# Built once: a statement object memoizes its cache key, and every request runs these.
-_BY_CLERK_ID = select(User).where(User.clerk_id == bindparam("clerk_id"))
-_LOCK = select(User).where(User.id == bindparam("user_id")).with_for_update().execution_options(populate_existing=True)
-
-
 def get_user(session: Session, clerk_id: str) -> User:
-    user = session.scalar(_BY_CLERK_ID, {"clerk_id": clerk_id})
+    user = session.scalar(select(User).where(User.clerk_id == clerk_id))
     if user is None:
         raise UserNotFound()
     return user
@@ -62,31 +47,7 @@ def lock_user(session: Session, user_id: uuid.UUID) -> User:
     Every decision about a user's money (admit a task, charge, reset) is taken under this
     lock, so two concurrent decisions see each other's effects.
     """
-    user = session.scalar(_LOCK, {"user_id": user_id})
+    user = session.get(User, user_id, with_for_update=True, populate_existing=True)
     if user is None:
         raise UserNotFound()
     return user
-
-
-def initialize_user(
-    session: Session, clerk_id: str, *, email: str | None = None, name: str | None = None
-) -> tuple[User, bool]:
-    """Create the user on the free plan with its first grant; return the existing one otherwise.
-
-    Idempotent under concurrency: the INSERT .. ON CONFLICT waits on the unique clerk_id
-    of a concurrent initializer, so exactly one caller creates the row and grants credits.
-    """
-    from .credits import grant_signup_credits
-    from .plans import FREE_PLAN_ID
-
-    user_id = session.scalar(
-        insert(User)
-        .values(id=uuid.uuid4(), clerk_id=clerk_id, email=email, name=name, plan_id=FREE_PLAN_ID)
-        .on_conflict_do_nothing(index_elements=[User.clerk_id])
-        .returning(User.id)
-    )
-    if user_id is None:
-        return get_user(session, clerk_id), False
-    user = lock_user(session, user_id)
-    grant_signup_credits(session, user)
-    return user, True

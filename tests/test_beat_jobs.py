@@ -16,7 +16,7 @@ from models.credits import ledger_sum, reset_plan_credits
 from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import start_task, submit_task
-from models.users import initialize_user
+from models.credits import initialize_user
 from tests.support.concurrency import at_once
 from tests.support.workers import wait_for
 
@@ -147,7 +147,7 @@ class TestStuckTaskReaper:
     def _stuck(self, e2e_db, user_id):
         with session_scope(e2e_db) as s:
             change_plan(s, user_id, "pro")
-            task, _ = submit_task(s, s.get(User, user_id), "image_analysis", "x", {})
+            task, _ = submit_task(s, s.get(User, user_id), "image_analysis", "https://example.com/x.png", {})
             s.flush()
             start_task(s, task.id)
             task.started_at = utcnow() - timedelta(hours=3)

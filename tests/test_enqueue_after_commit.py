@@ -1,54 +1,91 @@
-"""A task message is sent only once the row it names is committed, and never on rollback."""
+"""A task message is sent only once the row it names is committed, and never on rollback,
+through one outbox for every caller (the API, an operator's re-queue, the sweep)."""
 
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from models import AiTask
-from models.db import on_commit
-from models.tasks import submit_task
-from models.users import initialize_user
+from models.credits import initialize_user
+from models.db import enqueue_after_commit, set_sender
+from models.tasks import admin_set_status, requeue_lost_tasks, submit_task
 
 
-class TestAfterCommit:
-    def test_callback_runs_after_commit_and_sees_the_row_from_another_connection(self, e2e_db):
+class Recorder:
+    def __init__(self, check=None):
+        self.sent: list[tuple[str, uuid.UUID]] = []
+        self.check = check
+
+    def __call__(self, task_type: str, task_id: uuid.UUID) -> None:
+        if self.check is not None:
+            self.check(task_id)
+        self.sent.append((task_type, task_id))
+
+
+class TestOutbox:
+    def test_submission_is_sent_after_commit_and_the_row_is_visible_to_another_connection(self, e2e_db):
         seen = []
+
+        def visible(task_id):
+            with e2e_db() as other:  # a different connection, as a worker would be
+                seen.append(other.get(AiTask, task_id) is not None)
+
+        send = Recorder(visible)
         with e2e_db() as s:
+            set_sender(s, send)
             user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            task, _ = submit_task(s, user, "image_analysis", "x", {})
-
-            def check():
-                with e2e_db() as other:  # a different connection, as a worker would be
-                    seen.append(other.get(AiTask, task.id) is not None)
-
-            on_commit(s, check)
-            assert seen == []
+            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            assert send.sent == []
             s.commit()
-        assert seen == [True]
+        assert send.sent == [("image_analysis", task.id)] and seen == [True]
 
-    def test_callback_is_dropped_on_rollback(self, e2e_db):
-        called = []
+    def test_nothing_is_sent_on_rollback(self, e2e_db):
+        send = Recorder()
         with e2e_db() as s:
-            initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            on_commit(s, lambda: called.append(1))
+            set_sender(s, send)
+            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
+            submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
             s.rollback()
             s.commit()
-        assert called == []
+        assert send.sent == []
 
     def test_a_savepoint_release_is_not_a_commit(self, e2e_db):
-        called = []
+        send = Recorder()
         with e2e_db() as s:
+            set_sender(s, send)
             with s.begin_nested():
-                on_commit(s, lambda: called.append(1))
-            assert called == []
+                enqueue_after_commit(s, "image_analysis", uuid.uuid4())
+            assert send.sent == []
             s.commit()
-        assert called == [1]
+        assert len(send.sent) == 1
 
     def test_a_failing_send_does_not_undo_the_committed_task(self, e2e_db):
+        def broker_down(task_type, task_id):
+            raise ConnectionError("broker down")  # logged; the sweep re-sends later
+
         with e2e_db() as s:
+            set_sender(s, broker_down)
             user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            task, _ = submit_task(s, user, "image_analysis", "x", {})
-            on_commit(s, lambda: 1 / 0)  # the broker is down: logged, the sweeper re-sends later
+            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
             s.commit()
         with e2e_db() as s:
             assert s.get(AiTask, task.id).status == "pending"
+
+    def test_operator_requeue_and_sweep_use_the_same_outbox(self, e2e_db):
+        send = Recorder()
+        with e2e_db() as s:
+            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
+            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            s.commit()
+        with e2e_db() as s:
+            set_sender(s, send)
+            admin_set_status(s, task.id, "pending")
+            s.commit()
+        assert send.sent == [("image_analysis", task.id)]
+        with e2e_db() as s:
+            set_sender(s, send)
+            assert requeue_lost_tasks(s, timedelta(seconds=-60)) == 1
+            assert send.sent == [("image_analysis", task.id)]  # not before commit
+            s.commit()
+        assert send.sent == [("image_analysis", task.id)] * 2

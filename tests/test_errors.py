@@ -25,7 +25,10 @@ def assert_error(result, status: int, code: str | None = None) -> dict:
     assert result.status_code == status, result.text
     assert result.headers["Content-Type"].startswith("application/json")
     body = result.json
-    assert set(body) == ERROR_KEYS, body
+    # `details` (every failing field) comes with validation errors only.
+    assert set(body) - {"details"} == ERROR_KEYS, body
+    if "details" in body:
+        assert status == 400 and all({"path", "message", "type"} == set(d) for d in body["details"]), body
     assert body["statusCode"] == status
     assert isinstance(body["error"], str) and body["error"]
     if code is not None:

@@ -20,7 +20,7 @@ from models import AiTask, Transaction, User
 from models.credits import ledger_sum, post_entry, reverse_entry, spend_credits
 from models.db import session_scope
 from models.errors import InsufficientCredits
-from models.users import initialize_user
+from models.credits import initialize_user
 
 THREADS = 20
 

@@ -275,7 +275,7 @@ class TestRefusals:
         path = tmp_path / "a.png"
         marked().save(path)
         error = self.refused(tmp_path, path, [{"op": "rotate"}])
-        assert error.code == "invalid_params" and "operations[0] (rotate)" in error.message
+        assert error.code == "invalid_params" and error.message == "params.operations[0].degrees: is required"
 
 
 class TestProgressAndCancellation:

@@ -11,7 +11,7 @@ from sqlalchemy import text
 
 from models import AiTask
 from models.tasks import encode_cursor, list_tasks, list_tasks_query
-from models.users import initialize_user
+from models.credits import initialize_user
 
 N = 100_000
 

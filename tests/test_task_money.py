@@ -15,7 +15,7 @@ from models.billing import change_plan
 from models.credits import ledger_sum, post_entry
 from models.db import session_scope
 from models.tasks import cancel_task, complete_task, fail_task, start_task, submit_task
-from models.users import initialize_user
+from models.credits import initialize_user
 from tests.support.concurrency import at_once
 
 
@@ -41,8 +41,9 @@ def refunds(session, task_id):
                                                      Transaction.type == "credit_refund")).all()
 
 
-class TestRowsWrittenWithCore:
-    """submit_task and post_entry write with Core and attach the objects themselves."""
+class TestRowsInTheSession:
+    """Operations write through the session: a rollback takes their rows with it, and a
+    caller that needs a balance after one re-reads it."""
 
     def test_a_new_task_has_no_output_in_sql(self, session):
         task = submit(session, new_user(session))
@@ -56,7 +57,8 @@ class TestRowsWrittenWithCore:
         nested.rollback()
         assert task not in session and entry not in session
         assert session.get(AiTask, task.id) is None and session.get(Transaction, entry.id) is None
-        assert session.get(User, user.id).credits == ledger_sum(session, user.id)
+        session.refresh(user)
+        assert user.credits == ledger_sum(session, user.id) == 20
 
     def test_start_refreshes_a_task_the_session_already_holds(self, session):
         user = new_user(session)

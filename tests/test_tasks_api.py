@@ -167,7 +167,7 @@ class TestReadTasks:
                                         {"limit": "x"}])
     def test_bad_list_parameters_are_400(self, client, user_headers, params):
         r = client.simulate_get("/api/tasks", headers=user_headers, params=params)
-        assert r.status_code == 400 and set(r.json) == {"error", "statusCode", "code"}
+        assert r.status_code == 400 and set(r.json) - {"details"} == {"error", "statusCode", "code"}
 
     def test_stats_count_by_status_and_type_and_credits(self, client, user_headers, me, session):
         create(client, user_headers)

@@ -11,7 +11,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from api.app import create_app
-from celeryconfig import DEFAULT_TIME_LIMITS, time_limits_from_env
+from settings import ConfigError, TimeLimit, default_time_limits, time_limits_from_env
 from models import Transaction
 from tests.conftest import bearer, isolated_broker, worker_env
 from tests.support.workers import CeleryWorker, wait_for
@@ -20,16 +20,28 @@ from worker.queue import TaskQueue, create_celery
 
 class TestTimeLimitConfiguration:
     def test_defaults_without_configuration(self):
-        assert time_limits_from_env({}) == DEFAULT_TIME_LIMITS
+        assert time_limits_from_env({}) == default_time_limits()
+        assert default_time_limits()["video_generation"] == TimeLimit(900, 960)
 
     def test_one_type_is_overridden_by_its_variable(self):
         limits = time_limits_from_env({"TIME_LIMIT_VIDEO_GENERATION": "1800, 1860"})
-        assert limits["video_generation"] == {"soft": 1800, "hard": 1860}
-        assert limits["image_analysis"] == DEFAULT_TIME_LIMITS["image_analysis"]
+        assert limits["video_generation"] == TimeLimit(1800, 1860)
+        assert limits["image_analysis"] == default_time_limits()["image_analysis"]
+
+    def test_settings_carry_them_and_the_celery_app_applies_them(self):
+        from settings import Settings
+        from worker.queue import create_celery
+
+        settings = Settings.from_env({"APP_ENV": "test", "DATABASE_URL": "postgresql://x/y", "REDIS_URL": "redis://x",
+                                      "TIME_LIMIT_IMAGE_ANALYSIS": "7,9"}, dotenv=False)
+        assert settings.time_limits["image_analysis"] == TimeLimit(7, 9)
+        conf = create_celery(settings).conf
+        assert conf.task_annotations["tasks.image_analysis"] == {"soft_time_limit": 7, "time_limit": 9}
+        assert conf.broker_transport_options["visibility_timeout"] == 2 * 960 + 600
 
     @pytest.mark.parametrize("raw", ["60", "a,b", "10,5", "0,5", "5,5", "1,2,3"])
     def test_nonsense_is_refused_with_the_variable_named(self, raw):
-        with pytest.raises(ValueError, match="TIME_LIMIT_IMAGE_ANALYSIS"):
+        with pytest.raises(ConfigError, match="TIME_LIMIT_IMAGE_ANALYSIS"):
             time_limits_from_env({"TIME_LIMIT_IMAGE_ANALYSIS": raw})
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
-from models.uploads import sniff_content_type
+from tasktypes.formats import sniff_content_type
 
 from .processors.base import PermanentError, TransientError
 

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.errors import UploadNotFound
-from models.params import input_sources, source_ref
 from models.uploads import upload_file
+from tasktypes.inputs import input_sources, source_ref
 
 from .processors.base import InputFile, PermanentError
 
@@ -20,19 +20,22 @@ def resolve_inputs(
 ) -> list[InputFile]:
     """Upload ids must belong to the task's owner; URLs are fetched with the SSRF guard."""
     files: list[InputFile] = []
-    for index, source in enumerate(input_sources(task_type, input)):
-        kind, ref = source_ref(source)
+    try:
+        sources = [source_ref(source) for source in input_sources(task_type, input)]
+    except ValueError as exc:  # admitted under older rules
+        raise PermanentError(str(exc), code="invalid_input") from None
+    for index, (kind, ref) in enumerate(sources):
         if kind == "upload":
             try:
                 key, content_type = upload_file(session, user_id, uuid.UUID(ref))
             except (ValueError, UploadNotFound):
                 raise PermanentError(f"Upload {ref} not found", code="input_not_found") from None
-            files.append(InputFile(storage.path(key), content_type, source))
+            files.append(InputFile(storage.path(key), content_type, ref))
         else:
             from .fetch import fetch_to_file
 
             workdir.mkdir(parents=True, exist_ok=True)
             target = workdir / f"input-{index}"
             content_type = fetch_to_file(ref, target, settings)
-            files.append(InputFile(target, content_type, source))
+            files.append(InputFile(target, content_type, ref))
     return files

@@ -6,20 +6,17 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from celeryconfig import TIME_LIMITS
 from models.credits import reset_plan_credits, users_due_for_reset
 from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import (
     fail_task,
-    lost_pending_tasks,
-    mark_enqueued,
+    requeue_lost_tasks,
     stuck_processing_tasks,
 )
 
 from . import runtime
 from .app import app
-from .queue import TaskQueue
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +36,10 @@ def reset_monthly_credits() -> int:
 
 @app.task(name="maintenance.sweep_lost_messages", ignore_result=True)
 def sweep_lost_messages() -> int:
-    """Re-send pending tasks whose message never got picked up. A second message for a
-    task is harmless: the first delivery moves it out of `pending`, the other is dropped."""
-    queue = TaskQueue(app)
+    """Re-send pending tasks whose message never got picked up (after this job commits)."""
     age = timedelta(seconds=runtime.settings().lost_message_after_seconds)
     with session_scope(runtime.sessions()) as session:
-        lost = lost_pending_tasks(session, age)
-        for task in lost:
-            queue.send(task.type, task.id)
-        mark_enqueued(session, [task.id for task in lost])
-    return len(lost)
+        return requeue_lost_tasks(session, age)
 
 
 @app.task(name="maintenance.reap_stuck_tasks", ignore_result=True)
@@ -56,7 +47,7 @@ def reap_stuck_tasks() -> int:
     """Fail and refund tasks stuck in `processing` past their hard time limit, but only
     when no live runner holds their lease."""
     margin = runtime.settings().stuck_margin_seconds
-    limits = {name: timedelta(seconds=limit["hard"] + margin) for name, limit in TIME_LIMITS.items()}
+    limits = {name: timedelta(seconds=limit.hard + margin) for name, limit in runtime.settings().time_limits.items()}
     reaped = 0
     with session_scope(runtime.sessions()) as session:
         candidates = stuck_processing_tasks(session, limits)
@@ -65,6 +56,6 @@ def reap_stuck_tasks() -> int:
         with task_lease(runtime.engine(), task_id) as lease:
             if lease is None:
                 continue  # a live runner holds it
-            with lease.transaction() as session:
+            with lease.session() as session:
                 reaped += fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
     return reaped

@@ -11,11 +11,22 @@ import uuid
 from celery import Celery
 
 from settings import Settings
+from tasktypes import TASK_TYPE_SPECS, spec_for
 
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("studiox", broker=settings.broker_url, set_as_current=False)
     app.config_from_object("celeryconfig")
+    limits = settings.time_limits
+    app.conf.task_annotations = {
+        spec.celery_task: {"soft_time_limit": limits[name].soft, "time_limit": limits[name].hard}
+        for name, spec in TASK_TYPE_SPECS.items()
+    }
+    # Redis redelivers a message nobody acknowledged after the visibility timeout. It must be
+    # longer than the longest hard time limit, or a long task would run twice at once.
+    app.conf.broker_transport_options = {
+        "visibility_timeout": 2 * max(limit.hard for limit in limits.values()) + 600,
+    }
     return app
 
 
@@ -27,7 +38,7 @@ class TaskQueue:
 
     def send(self, task_type: str, task_id: uuid.UUID) -> None:
         # Routing by name (celeryconfig.task_routes) picks the type's queue.
-        self.celery.send_task(f"tasks.{task_type}", args=[str(task_id)])
+        self.celery.send_task(spec_for(task_type).celery_task, args=[str(task_id)])
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached.

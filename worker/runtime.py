@@ -29,7 +29,11 @@ def engine() -> Engine:
 
 @cache
 def sessions() -> sessionmaker[Session]:
-    return make_session_factory(engine())
+    # Task messages a job commits (the sweep's re-sends) go out through the worker's app.
+    from .app import app
+    from .queue import TaskQueue
+
+    return make_session_factory(engine(), send_task=TaskQueue(app).send)
 
 
 @cache

@@ -28,6 +28,8 @@ from models.tasks import (
     task_status,
 )
 
+from tasktypes import TASK_TYPE_SPECS
+
 from . import runtime
 from .app import app
 from .inputs import resolve_inputs
@@ -60,7 +62,7 @@ class _Progress:
         value = int(value)
         if value == self._last_value or (now - self._last_write < self.min_interval and value < 100):
             return
-        with self.lease.autocommit() as session:
+        with self.lease.session() as session:
             status = report_progress(session, self.task_id, value)
         self._last_write, self._last_value, self._last_check = now, value, now
         self._cancelled = status != "processing"
@@ -68,7 +70,7 @@ class _Progress:
     def is_cancelled(self) -> bool:
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= self.min_interval:
-            with self.lease.autocommit() as session:
+            with self.lease.session() as session:
                 self._cancelled = task_status(session, self.task_id) != "processing"
             self._last_check = now
         return self._cancelled
@@ -86,7 +88,7 @@ def _process(work: TaskWork, lease: Lease) -> dict:
     # Made on first use (URL inputs, encoders): most tasks never need a scratch directory.
     workdir = Path(tempfile.gettempdir()) / f"studiox-task-{work.id}-{uuid.uuid4().hex[:8]}"
     try:
-        with lease.autocommit() as session:  # reads only
+        with lease.session() as session:
             inputs = resolve_inputs(session, work.user_id, work.type, work.input, storage=runtime.storage(),
                                     settings=settings, workdir=workdir)
         ctx = ProcessContext(progress=progress, is_cancelled=progress.is_cancelled, storage=runtime.storage(),
@@ -108,13 +110,13 @@ def run_ai_task(celery_task, task_id: str) -> str:
             log.info("task %s is running elsewhere; duplicate message dropped", tid)
             return "duplicate"
         # The task's statements run on the lease's connection: one checkout per task.
-        with lease.transaction() as session:
+        with lease.session() as session:
             work = start_task(session, tid, may_resume=True)
         if work is None:
             return "stale"
         try:
             output = _process(work, lease)
-            with lease.autocommit() as session:  # complete_task is one conditional UPDATE
+            with lease.session() as session:
                 completed = complete_task(session, tid, output)
         except Cancelled:
             return "cancelled"
@@ -140,16 +142,13 @@ def run_ai_task(celery_task, task_id: str) -> str:
 _OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 
 
-@app.task(name="tasks.image_analysis", **_OPTIONS)
-def image_analysis(self, task_id: str) -> str:
-    return run_ai_task(self, task_id)
+def _register(spec):
+    def run(self, task_id: str) -> str:
+        return run_ai_task(self, task_id)
+
+    run.__name__ = run.__qualname__ = spec.name
+    return app.task(name=spec.celery_task, **_OPTIONS)(run)
 
 
-@app.task(name="tasks.advanced_editing", **_OPTIONS)
-def advanced_editing(self, task_id: str) -> str:
-    return run_ai_task(self, task_id)
-
-
-@app.task(name="tasks.video_generation", **_OPTIONS)
-def video_generation(self, task_id: str) -> str:
-    return run_ai_task(self, task_id)
+# One Celery task per type, each routed to its own queue (celeryconfig.task_routes).
+AI_TASKS = {name: _register(spec) for name, spec in TASK_TYPE_SPECS.items()}

@@ -18,11 +18,9 @@ from .base import (
     TransientError,
 )
 
-DEFAULT_PROCESSORS = {
-    "image_analysis": "worker.processors.image_analysis:analyse_image",
-    "advanced_editing": "worker.processors.editing:edit_image",
-    "video_generation": "worker.processors.video:generate_video",
-}
+from tasktypes import TASK_TYPE_SPECS
+
+DEFAULT_PROCESSORS = {name: spec.processor for name, spec in TASK_TYPE_SPECS.items()}
 
 
 def _load(path: str) -> Processor:

@@ -1,7 +1,8 @@
 """advanced_editing: an ordered list of image operations, applied with Pillow.
 
-The vocabulary and its defaults are defined once, in `models.params` (EDIT_OPERATIONS), and
-validated there before a task is admitted; this module applies each operation in order.
+The vocabulary and its defaults are defined once, in `tasktypes.params` (EditParams, one
+model per operation), and validated there before a task is admitted; this module applies
+each operation in order, reading the plain dicts `normalize_params` makes of them.
 
 Conventions a user relies on:
 - Photos are turned upright from their EXIF orientation first (params.autoOrient, default

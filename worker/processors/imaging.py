@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from PIL import Image, ImageFont, ImageOps, UnidentifiedImageError, features
+from pydantic import ValidationError
 
-from models.errors import InvalidInput
-from models.params import normalize_params
-from models.uploads import IMAGE_FORMATS
+from tasktypes.formats import IMAGE_FORMATS
+from tasktypes.params import normalize_params
 
 from .base import PermanentError, ProcessContext
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
-# The formats the service accepts (models.uploads), decoded by these Pillow plugins only.
+# The formats the service accepts (tasktypes.formats), decoded by these Pillow plugins only.
 # (Multi-picture JPEGs from phones open through the JPEG plugin and report "MPO".)
 ALLOWED_FORMATS = tuple(IMAGE_FORMATS.values())
 ORIENTATION_TAG = 0x0112
@@ -34,12 +34,39 @@ def max_image_pixels(ctx: ProcessContext) -> int:
 
 
 def read_params(task_type: str, params: dict[str, Any] | None) -> dict[str, Any]:
-    """The normalized params. The API validated them already; a task admitted under older
-    rules fails permanently instead of crashing the processor."""
+    """The normalized params (tasktypes.params). The API validated them already; a task
+    admitted under older rules fails permanently instead of crashing the processor."""
     try:
         return normalize_params(task_type, params)
-    except InvalidInput as exc:
-        raise PermanentError(exc.message, code="invalid_params") from None
+    except ValidationError as exc:
+        raise PermanentError(params_problem(exc, params), code="invalid_params") from None
+
+
+def params_problem(exc: ValidationError, params: Any) -> str:
+    """The first failure as the API words it: `params.operations[2].degrees: must be ...`.
+
+    A location segment that is not a key of the params (a union tag, a validator's name) is
+    left out of the path, unless it is the last one."""
+    error = exc.errors(include_url=False)[0]
+    path, node, loc = "params", params, list(error["loc"])
+    for index, segment in enumerate(loc):
+        if isinstance(segment, int) and isinstance(node, list):
+            path += f"[{segment}]"
+            node = node[segment] if 0 <= segment < len(node) else None
+            continue
+        if isinstance(node, dict) and segment not in node and index < len(loc) - 1:
+            continue
+        path += f".{segment}"
+        node = node.get(segment) if isinstance(node, dict) else None
+    message = error["msg"]
+    for pydantic_says, we_say in (("Input should", "must"), ("Value error, ", "")):
+        if message.startswith(pydantic_says):
+            message = we_say + message[len(pydantic_says):]
+    if error["type"] == "missing":
+        message = "is required"
+    elif error["type"] == "extra_forbidden":
+        message = "is not a known option"
+    return f"{path}: {message}"
 
 
 def _too_large(width: int, height: int, limit: int) -> PermanentError:

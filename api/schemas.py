@@ -1,0 +1,251 @@
+"""The HTTP contract's shapes: every request body, query and response body, declared once.
+
+Resources receive validated request objects (see `api/openapi.py`'s `operation`) and
+answer with these response models; `/openapi.json` is generated from the same classes.
+JSON keys are camelCase; request models accept the snake_case spelling too.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidation, WithJsonSchema, field_validator
+from pydantic.alias_generators import to_camel
+from typing_extensions import Annotated
+
+from models.tasks import STATUSES
+from tasktypes import TASK_TYPE_SPECS, TASK_TYPES
+from tasktypes.inputs import TaskInput
+from tasktypes.params import AnalysisParams, EditParams, VideoParams
+
+TaskTypeName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(TASK_TYPES)})]
+TaskStatus = Literal[STATUSES]  # type: ignore[valid-type]
+
+
+class Schema(BaseModel):
+    """camelCase on the wire, snake_case accepted on the way in."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, from_attributes=True)
+
+
+class RequestSchema(Schema):
+    model_config = ConfigDict(extra="ignore")
+    # The machine code of a refusal, by the first failing field (default: invalid_input).
+    error_codes: ClassVar[dict[str, str]] = {}
+
+
+# --- errors ------------------------------------------------------------------------------
+
+class ErrorDetail(Schema):
+    path: str = Field(description="The failing field, as the client spells it: `params.operations[2].degrees`")
+    message: str
+    type: str = Field(description="pydantic's error type (`less_than_equal`, `missing`, ...)")
+
+
+class ErrorBody(BaseModel):
+    """Every error, whatever its status."""
+
+    error: str = Field(description="What went wrong, for a person; a validation error names the field by its path")
+    statusCode: int
+    code: str = Field(description="Machine-readable (`insufficient_credits`, `invalid_params`, ...)")
+    details: list[ErrorDetail] | None = Field(
+        None, description="Validation errors only: every failing field, not just the first")
+
+
+# --- users and credits -------------------------------------------------------------------
+
+class UserOut(Schema):
+    id: uuid.UUID
+    clerk_id: str
+    email: str | None
+    name: str | None
+    plan_id: str
+    credits: int = Field(description="plan_credits + purchased_credits")
+    plan_credits: int = Field(description="Granted monthly by the plan; expire at the next reset")
+    purchased_credits: int = Field(description="Bought; never expire")
+    credit_reset_at: datetime | None
+    stripe_customer_id: str | None
+    created_at: datetime
+
+
+class UserEnvelope(Schema):
+    user: UserOut
+
+
+class InitializedUser(Schema):
+    user: UserOut
+    created: bool = Field(description="False when the user already existed (the call is idempotent)")
+
+
+class InitializeBody(RequestSchema):
+    email: Annotated[str, Field(max_length=255)] | None = Field(None, description="Defaults to the token's claim")
+    name: Annotated[str, Field(max_length=255)] | None = Field(None, description="Defaults to the token's claim")
+
+
+class CreditsOut(Schema):
+    credits: int
+    plan_credits: int
+    purchased_credits: int
+    reserved: int = Field(description="Promised to pending tasks (charged when a worker starts them)")
+    available: int = Field(description="credits - reserved: what a new task may use")
+    next_reset_at: datetime | None
+    credit_reset_at: datetime | None = Field(description="Same as nextResetAt (the seed's name)")
+
+
+class TransactionOut(Schema):
+    id: Annotated[str, BeforeValidator(str)] = Field(description="Also the cursor that pages after it")
+    amount: int
+    bucket: Literal["plan", "purchased", "both"]
+    plan_delta: int
+    purchased_delta: int
+    balance_after: int
+    type: str
+    task_id: uuid.UUID | None
+    description: str | None
+    created_at: datetime
+
+
+class TransactionPage(Schema):
+    transactions: list[TransactionOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end")
+
+
+class PageQuery(RequestSchema):
+    limit: int = Field(20, ge=1, le=100, description="Page size")
+    error_codes: ClassVar[dict[str, str]] = {"limit": "invalid_limit", "cursor": "invalid_cursor"}
+
+
+class TransactionQuery(PageQuery):
+    cursor: str | None = Field(None, pattern=r"^[0-9]{1,19}$", description="nextCursor of the previous page")
+
+    @field_validator("cursor")
+    @classmethod
+    def _within_bigint(cls, value: str | None) -> str | None:
+        # The ledger id is a BIGINT: past it, the query itself would fail.
+        if value is not None and int(value) > 2**63 - 1:
+            raise ValueError("is not a cursor of this list")
+        return value
+
+
+# --- plans ---------------------------------------------------------------------------------
+
+class PlanOut(Schema):
+    id: str
+    name: str
+    monthly_credits: int
+    price: float = Field(description="Per month, in the currency's main unit")
+    price_cents: int
+    currency: str
+    allowed_task_types: list[str]
+    max_concurrent_tasks: int
+
+
+class TaskCost(Schema):
+    model_config = ConfigDict(extra="allow")
+    base: int
+    unit: str
+    description: str
+
+
+class PlansOut(Schema):
+    plans: list[PlanOut]
+    task_costs: dict[str, TaskCost]
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+class CreateTaskBody(RequestSchema):
+    # The schema documents input and params; `submit_task` validates them against the type
+    # (a params object is read by the schema of its task type), so they arrive here as sent.
+    type: TaskTypeName
+    input: SkipValidation[TaskInput] = None
+    params: SkipValidation[AnalysisParams | EditParams | VideoParams | None] = Field(
+        None, description="Options of the task type: " + ", ".join(
+            f"{name}: {spec.params.__name__}" for name, spec in TASK_TYPE_SPECS.items()))
+    error_codes: ClassVar[dict[str, str]] = {"type": "invalid_task_type", "params": "invalid_params"}
+
+
+class TaskOut(Schema):
+    id: uuid.UUID
+    user_id: uuid.UUID
+    type: str
+    status: TaskStatus
+    input: Any = Field(description="As submitted")
+    params: dict[str, Any] = Field(description="As submitted")
+    output: dict[str, Any] | None = Field(description="What the processor returned, once completed")
+    credits_used: int = Field(description="The price, fixed at submission")
+    progress: int = Field(ge=0, le=100)
+    error: str | None
+    error_code: str | None
+    queue: str
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    output_url: str | None = Field(description="GET it (with the same token) for the output file")
+    output_size: int | None
+    output_type: str | None
+
+
+class TaskEnvelope(Schema):
+    task: TaskOut
+
+
+class TaskPage(Schema):
+    tasks: list[TaskOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end")
+
+
+class TaskListQuery(PageQuery):
+    status: TaskStatus | None = None
+    type: Annotated[str | None, WithJsonSchema({"type": "string", "enum": list(TASK_TYPES)})] = None
+    cursor: str | None = Field(None, max_length=200, description="nextCursor of the previous page")
+    error_codes: ClassVar[dict[str, str]] = {**PageQuery.error_codes, "status": "invalid_status",
+                                             "type": "invalid_task_type"}
+
+
+class TaskStats(Schema):
+    total: int
+    by_status: dict[str, int]
+    by_type: dict[str, int]
+    credits_spent: int
+    credits_refunded: int
+    net_credits_spent: int
+
+
+class TaskStatusBody(RequestSchema):
+    # Other statuses are a 409 invalid_transition from the rule itself, not a schema refusal.
+    status: Annotated[str, WithJsonSchema({"type": "string", "enum": ["failed", "pending"]})] = Field(
+        description="failed refunds a charged task; pending re-sends a pending task's message")
+    error: Annotated[str, Field(max_length=2000)] | None = Field(None, description="Shown on a failed task")
+    error_codes: ClassVar[dict[str, str]] = {"status": "invalid_status"}
+
+
+# --- uploads -------------------------------------------------------------------------------
+
+class UploadOut(Schema):
+    id: uuid.UUID
+    content_type: str
+    size: int
+    width: int | None
+    height: int | None
+    filename: str | None
+    sha256: str
+    created_at: datetime
+
+
+class UploadEnvelope(Schema):
+    upload: UploadOut
+
+
+class UploadForm(BaseModel):
+    file: Annotated[bytes, WithJsonSchema({"type": "string", "format": "binary"})]
+
+
+# --- health --------------------------------------------------------------------------------
+
+class HealthOut(Schema):
+    status: Literal["ok"]
+    checks: dict[str, Literal["ok"]]
