@@ -9,9 +9,12 @@ bind = [f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000
 
 # WEB_CONCURRENCY is the name platforms (Heroku, Render) already set from the dyno's size.
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Threads keep a slow client (an upload on a bad link) from holding a whole process.
-worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "4"))
+# gevent: each connection is a greenlet, so clients that trickle their headers or body (a
+# bad link, or an attacker) hold a few kilobytes each, not one of a handful of threads, and
+# long requests (waiting on a task) cost as little. psycopg 3 and redis-py cooperate with
+# gevent's patched sockets; nothing in a request burns CPU for long (media work is queued).
+worker_class = "gevent"
+worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
 
 # A worker that has not checked in with the master for `timeout` seconds is killed and
 # replaced; requests never wait on media work (that is the queue's job), so this is generous.

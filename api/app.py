@@ -11,14 +11,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import create_engine, make_session_factory
-from models.base import check_storable
+from models.base import MAX_JSON_DEPTH, check_storable
+from models.errors import InvalidInput
+from models.tasks import UrlPolicy
 from settings import Settings
 from storage import LocalStorage
 
 from . import billing, docs, errors, health, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
 from .logs import configure_logging
-from .middleware import BodyLimitMiddleware, RequestIdMiddleware, SessionMiddleware
+from .middleware import BodyLimitMiddleware, CorsMiddleware, RequestIdMiddleware, SessionMiddleware
 from .openapi import build_document
 
 
@@ -40,7 +42,8 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
         ("/api/billing/next-date", billing.NextDateResource()),
         ("/api/billing/portal", billing.PortalResource()),
         ("/api/tasks", tasks.TasksResource()),
-        ("/api/tasks/create", tasks.CreateTaskResource()),
+        ("/api/tasks/create", tasks.CreateTaskResource(
+            UrlPolicy(settings.fetch_allow_private, tuple(settings.fetch_allowed_hosts)))),
         ("/api/tasks/stats", tasks.TaskStatsResource()),
         ("/api/tasks/{task_id}", tasks.TaskResource()),
         ("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource()),
@@ -74,18 +77,22 @@ def create_app(
     app = falcon.App(
         middleware=[
             RequestIdMiddleware(),
-            falcon.CORSMiddleware(
+            CorsMiddleware(
                 allow_origins=settings.frontend_url, allow_credentials=settings.frontend_url,
                 expose_headers=["X-Request-ID", "Idempotent-Replayed"],
             ),
-            BodyLimitMiddleware(settings.max_body_bytes),
+            # Authenticate before a byte of the body is read: an anonymous upload is refused
+            # with 401 at its headers, not spooled first.
             AuthMiddleware(TokenVerifier(settings)),
+            BodyLimitMiddleware(settings.max_body_bytes),
             # Task messages committed by a request go out through the queue (models.db's outbox).
             SessionMiddleware(session_factory, send_task=queue.send),
         ],
     )
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.media_handlers[falcon.MEDIA_JSON] = falcon.media.JSONHandler(loads=load_json_body)
+    # JSON and multipart (uploads) only: a form-encoded body must not reach a JSON route.
+    app.req_options.media_handlers.pop(falcon.MEDIA_URLENCODED, None)
     errors.install(app)
 
     for path, resource in routes(settings, engine, queue, storage):
@@ -99,12 +106,12 @@ def _refuse_constant(name: str):
 
 
 def load_json_body(text: str):
-    """Strict JSON for request bodies: no NaN/Infinity, no pathological nesting, and
-    nothing PostgreSQL cannot store (refused with 400 before any handler sees it)."""
+    """Strict JSON for request bodies: no NaN/Infinity, nothing nested past MAX_JSON_DEPTH,
+    and nothing PostgreSQL cannot store (refused with 400 before any handler sees it)."""
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
-        raise ValueError("the JSON body is nested too deeply") from None
+        raise InvalidInput(f"The body is nested more than {MAX_JSON_DEPTH} levels deep", code="json_too_deep") from None
     check_storable(value)
     return value
 

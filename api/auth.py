@@ -16,10 +16,12 @@ from typing import Any
 import falcon
 import jwt
 
+from models.base import storable_text
 from settings import Settings
 
 log = logging.getLogger("studiox.auth")
 
+MAX_SUBJECT_CHARS = 255  # users.clerk_id
 RSA_ALGORITHMS = ["RS256"]
 HMAC_ALGORITHMS = ["HS256"]
 
@@ -142,6 +144,9 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise _unauthorized("Token has no subject")
+        # The subject is the users.clerk_id column: a value it cannot hold is no identity.
+        if len(sub) > MAX_SUBJECT_CHARS or not storable_text(sub):
+            raise _unauthorized("Token subject is not a valid user id")
         return Identity(clerk_id=sub, is_admin=self._is_admin(claims), claims=claims)
 
     def _is_admin(self, claims: dict[str, Any]) -> bool:

@@ -6,6 +6,7 @@ import json
 import logging
 
 import falcon
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from models.errors import DomainError
 
@@ -60,6 +61,14 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainE
     _write(resp, exc.status_code, body)
 
 
+def handle_database_unavailable(req: falcon.Request, resp: falcon.Response, exc: DBAPIError, params) -> None:
+    """The database cannot be reached (or dropped the connection): a 503 the client may retry,
+    not a 500. Statement errors (a bug, a constraint) are not this and stay 500."""
+    log.warning("database unavailable on %s %s: %s", req.method, req.path, exc.orig or exc)
+    resp.set_header("Retry-After", "5")
+    _write(resp, 503, error_body(503, "The database is unavailable; try again shortly", "database_unavailable"))
+
+
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
     if isinstance(exc, falcon.HTTPError):  # pragma: no cover - falcon routes these to the serializer
         serialize_http_error(req, resp, exc)
@@ -73,3 +82,4 @@ def install(app: falcon.App) -> None:
     app.set_error_serializer(serialize_http_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(DomainError, handle_domain_error)
+    app.add_error_handler((OperationalError, InterfaceError), handle_database_unavailable)

@@ -8,9 +8,11 @@ import tempfile
 import uuid
 
 import falcon
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.db import SendTask, set_sender
+from models.errors import InvalidInput
 
 log = logging.getLogger("studiox.api")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
@@ -27,6 +29,15 @@ class RequestIdMiddleware:
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         resp.set_header("X-Request-ID", getattr(req.context, "request_id", "") or uuid.uuid4().hex)
+
+
+class CorsMiddleware(falcon.CORSMiddleware):
+    """Falcon's CORS, plus `Vary: Origin` on every answer: the CORS headers depend on the
+    request's Origin, and a shared cache must not hand one origin's answer to another."""
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        super().process_response(req, resp, resource, req_succeeded)
+        resp.append_header("Vary", "Origin")
 
 
 class _CappedStream:
@@ -62,6 +73,15 @@ def _spool_capped(stream, limit: int):
     try:
         while chunk := capped.read(_CHUNK):
             spool.write(chunk)
+    except falcon.HTTPError:
+        spool.close()
+        raise
+    except Exception:
+        # The server's HTTP parser refused the framing (a chunk size that is not hex, a
+        # missing terminator) or the client went away: the body cannot be read.
+        spool.close()
+        log.info("unreadable chunked body", exc_info=True)
+        raise InvalidInput("The chunked request body is malformed", code="invalid_body") from None
     except BaseException:
         spool.close()
         raise
@@ -126,6 +146,12 @@ class SessionMiddleware:
                 session.commit()
             else:
                 session.rollback()
+        except DBAPIError:
+            # The database went away mid-request: the error already answered says so (503);
+            # a rollback on a dead connection has nothing to undo.
+            if req_succeeded:
+                raise
+            log.warning("rollback failed; the connection is gone", exc_info=True)
         finally:
             session.close()
             req.context.session = None

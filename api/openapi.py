@@ -82,6 +82,11 @@ def _query_dict(req: falcon.Request) -> dict[str, Any]:
 def _json_object(req: falcon.Request, required: bool) -> dict[str, Any]:
     if not required and not req.content_length:
         return {}
+    media_type = (req.content_type or falcon.MEDIA_JSON).split(";", 1)[0].strip().lower()
+    if media_type != falcon.MEDIA_JSON and not media_type.endswith("+json"):
+        # A form-encoded body would skip every JSON check; only JSON is read here.
+        raise falcon.HTTPUnsupportedMediaType(title="Unsupported media type", code="unsupported_media_type",
+                                              description="Send the body as application/json")
     body = req.get_media(default_when_empty=None)
     if body is None:
         raise InvalidInput("A JSON body is required", code="body_required")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidati
 from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
+from models.base import storable_text
 from models.tasks import STATUSES
 from tasktypes import TASK_TYPE_SPECS, TASK_TYPES
 from tasktypes.inputs import TaskInput
@@ -82,6 +83,14 @@ class InitializedUser(Schema):
 class InitializeBody(RequestSchema):
     email: Annotated[str, Field(max_length=255)] | None = Field(None, description="Defaults to the token's claim")
     name: Annotated[str, Field(max_length=255)] | None = Field(None, description="Defaults to the token's claim")
+
+    @field_validator("email", "name")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        # Claims reach here unchecked by the JSON body's rules (a token can carry anything).
+        if value is not None and not storable_text(value):
+            raise ValueError("must not hold NUL or invalid Unicode characters")
+        return value
 
 
 class CreditsOut(Schema):
@@ -160,7 +169,7 @@ class CreateTaskBody(RequestSchema):
     # The schema documents input and params; `submit_task` validates them against the type
     # (a params object is read by the schema of its task type), so they arrive here as sent.
     type: TaskTypeName
-    input: SkipValidation[TaskInput] = None
+    input: SkipValidation[TaskInput]
     params: SkipValidation[AnalysisParams | EditParams | VideoParams | None] = Field(
         None, description="Options of the task type: " + ", ".join(
             f"{name}: {spec.params.__name__}" for name, spec in TASK_TYPE_SPECS.items()))

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import falcon
 
 from models.errors import InvalidInput, TaskNotFound
-from models.tasks import admin_set_status, cancel_task, get_task_of, list_tasks, submit_task, task_stats
+from models.tasks import (
+    UrlPolicy,
+    admin_set_status,
+    cancel_task,
+    encode_cursor,
+    get_task_of,
+    list_tasks,
+    submit_task,
+    task_stats,
+)
 
 from . import schemas
 from .context import current_user, parse_uuid
@@ -29,6 +40,9 @@ TASK_LINKS = {
 
 
 class CreateTaskResource:
+    def __init__(self, url_policy: UrlPolicy = UrlPolicy()):
+        self.url_policy = url_policy
+
     @operation("Submit a task", body=schemas.CreateTaskBody, headers=(IDEMPOTENCY_KEY,), links={201: TASK_LINKS},
                responses={201: schemas.TaskEnvelope, 200: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
                description="Checks the plan (403), the tasks in flight (429) and the available credits (402), "
@@ -38,7 +52,7 @@ class CreateTaskResource:
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
         task, created = submit_task(req.context.session, current_user(req), body.type, body.input, body.params,
-                                    idempotency_key=key)
+                                    idempotency_key=key, url_policy=self.url_policy)
         if created:
             resp.status = falcon.HTTP_201
         else:
@@ -46,12 +60,28 @@ class CreateTaskResource:
         resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
 
 
+# A page stops early (with a cursor for the rest) once its tasks pass this many bytes, so
+# no list answer grows with what users stored in their tasks.
+MAX_PAGE_BYTES = 1_048_576
+
+
 class TasksResource:
-    @operation("List your tasks, newest first", query=schemas.TaskListQuery, responses={200: schemas.TaskPage})
+    @operation("List your tasks, newest first", query=schemas.TaskListQuery, responses={200: schemas.TaskPage},
+               description=f"At most `limit` tasks and about {MAX_PAGE_BYTES:,} bytes per page; "
+                           "follow nextCursor for the rest.")
     def on_get(self, req, resp, query: schemas.TaskListQuery) -> None:
         tasks, next_cursor = list_tasks(req.context.session, current_user(req), status=query.status,
                                         task_type=query.type, cursor=query.cursor, limit=query.limit)
-        resp.media = media(schemas.TaskPage(tasks=[task_out(t) for t in tasks], next_cursor=next_cursor))
+        page: list[dict] = []
+        size = 0
+        for index, task in enumerate(tasks):
+            item = media(task_out(task))
+            size += len(json.dumps(item))
+            if page and size > MAX_PAGE_BYTES:
+                next_cursor = encode_cursor(tasks[index - 1])
+                break
+            page.append(item)
+        resp.media = {"tasks": page, "nextCursor": next_cursor}
 
 
 class TaskStatsResource:

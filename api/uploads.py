@@ -143,6 +143,10 @@ class UploadsResource:
         except falcon.MultipartParseError as exc:
             raise InvalidInput(f"The multipart body is malformed: {exc.description}",
                                code="invalid_multipart") from None
+        except UnicodeDecodeError:
+            # A part's name or filename that is not UTF-8 (Falcon decodes them on access).
+            raise InvalidInput("The multipart body has a part name or filename that is not UTF-8",
+                               code="invalid_multipart") from None
         if received is None:
             raise InvalidInput("The form has no `file` field", code="file_required")
         return received

@@ -179,9 +179,11 @@ class Process:
 
 
 def start_gunicorn(env: Env, *, workers: int, threads: int, log_path: Path, timeout: float = 60,
-                   app: str = "api.app:wsgi()", extra_env: dict[str, str] | None = None) -> tuple[Process, str]:
+                   app: str = "api.app:wsgi()", extra_env: dict[str, str] | None = None,
+                   worker_class: str = "gevent") -> tuple[Process, str]:
     """The API as the Procfile runs it: `gunicorn --config gunicorn.conf.py 'api.app:wsgi()'`
-    (access log included), with the bind, worker count and threads of the benchmark.
+    (access log included), with the bind, worker count and worker class of the benchmark
+    (`threads` applies to gthread).
     `app` serves another WSGI app under the same settings (the pipeline's floor)."""
     from devenv.embedded import free_port
 
@@ -189,7 +191,9 @@ def start_gunicorn(env: Env, *, workers: int, threads: int, log_path: Path, time
     config = ["--config", "gunicorn.conf.py"] if (ROOT / "gunicorn.conf.py").exists() else []
     proc = Process(
         [sys.executable, "-m", "gunicorn", *config, app, "-b", f"127.0.0.1:{port}",
-         "-w", str(workers), "-k", "gthread", "--threads", str(threads), "--graceful-timeout", "5",
+         "-w", str(workers), "-k", worker_class,
+         *(["--threads", str(threads)] if worker_class == "gthread" else []),
+         "--graceful-timeout", "5",
          # The control socket is one per user by default, shared with anyone else's gunicorn.
          "--no-control-socket"],
         env.process_env(**(extra_env or {})), log_path,

@@ -1,6 +1,6 @@
 """GET /api/tasks/{id} requests per second, against GET /health under the same gunicorn.
 
-One gunicorn (`api.app:wsgi()`, gthread workers) serves both; the same load generator
+One gunicorn (`api.app:wsgi()`, gevent workers, as gunicorn.conf.py) serves both; the same load generator
 with the same number of keep-alive connections and the same duration runs against each
 in turn, on loopback. The load generator is `wrk` when it is installed (it costs the
 2-core box far less CPU than Python does) and a Python client otherwise: one thread per
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per measurement (default 10, 4 with --quick)")
     p.add_argument("--connections", type=int, default=8, help="concurrent keep-alive connections (default 8)")
     p.add_argument("--http-workers", type=int, default=2, help="gunicorn -w (default 2)")
-    p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads (default 4)")
+    p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads with gthread (default 4)")
+    p.add_argument("--http-worker-class", default="gevent", help="gunicorn -k (default gevent, as gunicorn.conf.py)")
     p.add_argument("--users", type=int, default=8, help="users whose tasks are read (default 8)")
     p.add_argument("--tasks-per-user", type=int, default=4, help="(default 4)")
     p.add_argument("--rounds", type=int, default=3,
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with bench_env("http") as env, ExitStack() as procs:
         gunicorn, base_url = start_gunicorn(env, workers=args.http_workers, threads=args.http_threads,
+                                            worker_class=args.http_worker_class,
                                             log_path=logs / "http-gunicorn.log")
         procs.callback(gunicorn.stop)
         users = create_users(env, base_url, args.users, plan="enterprise")
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Row("GET /api/billing/plans vs GET /health (info)", rate["plans"], rate["health"], "req/s"),
     ]
     params = {"generator": tool, "connections": args.connections, "duration_s": args.duration,
-              "rounds": args.rounds, "gunicorn": f"-w {args.http_workers} -k gthread --threads {args.http_threads}",
+              "rounds": args.rounds, "gunicorn": f"-w {args.http_workers} -k {args.http_worker_class}",
               "task_targets": len(task_targets), "users": args.users}
     for name in ("task", "health", "plans"):
         last = runs[name][-1]

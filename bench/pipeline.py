@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", "-c", type=int, default=4, help="Celery worker -c, both sides (default 4)")
     p.add_argument("--submitters", type=int, default=8, help="HTTP client threads submitting tasks (default 8)")
     p.add_argument("--http-workers", type=int, default=2, help="gunicorn -w (default 2)")
-    p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads (default 4)")
+    p.add_argument("--http-threads", type=int, default=4, help="gunicorn --threads with gthread (default 4)")
+    p.add_argument("--http-worker-class", default="gevent", help="gunicorn -k (default gevent, as gunicorn.conf.py)")
     p.add_argument("--rounds", type=int, default=5,
                    help="measured rounds per side, median reported (default 5: one round swings by 20%%)")
     p.add_argument("--type", default="image_analysis", choices=("image_analysis", "advanced_editing"),
@@ -300,9 +301,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         procs.callback(rds.close)
 
         gunicorn, base_url = start_gunicorn(env, workers=args.http_workers, threads=args.http_threads,
+                                            worker_class=args.http_worker_class,
                                             log_path=logs / "pipeline-gunicorn.log")
         procs.callback(gunicorn.stop)
         skeleton, skeleton_url = start_gunicorn(env, workers=args.http_workers, threads=args.http_threads,
+                                                worker_class=args.http_worker_class,
                                                 log_path=logs / "pipeline-skeleton.log",
                                                 app="bench.skeleton_app:wsgi()",
                                                 extra_env={"BENCH_BARE_BROKER": env.redis_url})
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     last = ours_runs[-1]
     params = {"N": n, "rounds": args.rounds, "worker_processes": 1, "worker_concurrency": c,
               "pool": "prefork", "submit_threads": args.submitters, "users": user_count,
-              "gunicorn": f"-w {args.http_workers} -k gthread --threads {args.http_threads}", "task_type": args.type,
+              "gunicorn": f"-w {args.http_workers} -k {args.http_worker_class}", "task_type": args.type,
               "worker_loglevel": args.loglevel}
     ph = last["phases"]
     notes = [

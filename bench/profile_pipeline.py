@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     lease = lease_cm.__enter__()
                 assert lease is not None
                 with meter.timed("  start_task transaction (lock, charge)", worker_wall):
-                    with lease.transaction() as session:
+                    with lease.session() as session:
                         work = start_task(session, tid, may_resume=True)
                 with meter.timed("  _process: inputs + no-op processor", worker_wall):
                     output = worker_tasks._process(work, lease)
-                with meter.timed("  complete_task (one statement, autocommit)", worker_wall):
-                    with lease.autocommit() as session:
+                with meter.timed("  complete_task (one conditional UPDATE)", worker_wall):
+                    with lease.session() as session:
                         complete_task(session, tid, output)
                 with meter.timed("  lease: unlock + close", worker_wall):
                     lease_cm.__exit__(None, None, None)

@@ -34,17 +34,24 @@ def sql_in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
-def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input") -> None:
-    """Refuse what PostgreSQL's JSON and text columns cannot hold: NUL characters, lone
-    surrogates, NaN and infinities (Python's json accepts all of them)."""
-    stack = [value]
+# Deeper JSON than this is refused at the edge: no request of the contract nests past a
+# handful of levels, and the stored value must load again (json and psycopg recurse).
+MAX_JSON_DEPTH = 32
+
+
+def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input",
+                   max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what PostgreSQL's JSON and text columns cannot hold (NUL characters, lone
+    surrogates, NaN and infinities, which Python's json accepts), and JSON nested past
+    `max_depth` levels."""
+    stack = [(value, 1)]
     while stack:  # iterative: a deeply nested body must not overflow the stack
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list, tuple)):
+            if depth > max_depth:
+                raise InvalidInput(f"The {what} is nested more than {max_depth} levels deep", code="json_too_deep")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
         elif isinstance(item, str):
             if "\x00" in item:
                 raise InvalidInput(f"The {what} holds a NUL character", code=code)
@@ -56,3 +63,14 @@ def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input
             raise InvalidInput(f"The {what} holds NaN or an infinity", code=code)
         elif not (item is None or isinstance(item, (bool, int, float))):
             raise InvalidInput(f"The {what} holds a value that is not JSON", code=code)
+
+
+def storable_text(value: str) -> bool:
+    """Whether PostgreSQL can hold the string in a text column (no NUL, no lone surrogate)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -43,6 +43,7 @@ def change_plan(
         post_entry(session, user.id, type="plan_upgrade", plan_delta=top_up, stripe_event_id=stripe_event_id,
                    description=f"Upgrade from {old.name} to {new.name}")
     session.flush()
+    session.refresh(user)  # the top-up moved its buckets
     return user
 
 

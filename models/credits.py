@@ -24,12 +24,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    bindparam,
     func,
     select,
     text,
-    update,
 )
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, sql_in, utcnow
@@ -107,6 +108,25 @@ class Transaction(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
+# Plain Core on the tables (no ORM object is kept in step: a caller that holds the User
+# re-reads it). The UPDATE only matches while both buckets stay >= 0.
+_users = User.__table__
+_MOVE_BUCKETS = (
+    _users.update()
+    .where(_users.c.id == bindparam("user_id"),
+           _users.c.plan_credits + bindparam("plan_delta") >= 0,
+           _users.c.purchased_credits + bindparam("purchased_delta") >= 0)
+    .values(plan_credits=_users.c.plan_credits + bindparam("plan_delta"),
+            purchased_credits=_users.c.purchased_credits + bindparam("purchased_delta"))
+    .returning(_users.c.plan_credits, _users.c.purchased_credits, _users.c.credits)
+)
+_LOCK_BUCKETS = (
+    select(_users.c.plan_credits, _users.c.purchased_credits).where(_users.c.id == bindparam("user_id"))
+    .with_for_update()
+)
+_APPEND_ENTRY = Transaction.__table__.insert().returning(*Transaction.__table__.c)
+
+
 def post_entry(
     session: Session,
     user_id: uuid.UUID,
@@ -115,12 +135,14 @@ def post_entry(
     plan_delta: int = 0,
     purchased_delta: int = 0,
     task_id: uuid.UUID | None = None,
-    refund_of: Transaction | None = None,
+    refund_of: Transaction | Row | None = None,
     stripe_event_id: str | None = None,
     period: date | None = None,
     description: str | None = None,
-) -> Transaction:
-    """Move the user's buckets by the deltas and append the ledger row, atomically.
+) -> Row:
+    """Move the user's buckets by the deltas and append the ledger row, atomically; return
+    the ledger row (its columns as attributes). A User the session holds is not updated:
+    re-read it.
 
     The UPDATE only matches while both buckets stay >= 0 after the change; PostgreSQL
     re-checks that condition on the newest row version after waiting for a concurrent
@@ -128,25 +150,22 @@ def post_entry(
     """
     if plan_delta == 0 and purchased_delta == 0:
         raise ValueError("a ledger entry must move credits")
-    # RETURNING the row refreshes the User the session may hold (its generated balance too).
-    user = session.scalars(
-        update(User)
-        .where(User.id == user_id, User.plan_credits + plan_delta >= 0, User.purchased_credits + purchased_delta >= 0)
-        .values(plan_credits=User.plan_credits + plan_delta, purchased_credits=User.purchased_credits + purchased_delta)
-        .returning(User),
-        execution_options={"synchronize_session": False, "populate_existing": True},
-    ).one_or_none()
-    if user is None:
-        if session.get(User, user_id) is None:
+    session.flush()  # what the caller has pending comes first
+    balances = session.execute(_MOVE_BUCKETS, {"user_id": user_id, "plan_delta": plan_delta,
+                                              "purchased_delta": purchased_delta}).one_or_none()
+    if balances is None:
+        if session.scalar(select(User.id).where(User.id == user_id)) is None:
             raise UserNotFound()
         raise InsufficientCredits()
-    entry = Transaction(
+    # One INSERT .. RETURNING: the entry comes back as a row (id, amounts, balance_after, ...),
+    # not as an object the session tracks.
+    return session.execute(_APPEND_ENTRY, dict(
         user_id=user_id,
         amount=plan_delta + purchased_delta,
         plan_delta=plan_delta,
         purchased_delta=purchased_delta,
         bucket="both" if plan_delta and purchased_delta else ("plan" if plan_delta else "purchased"),
-        balance_after=user.credits,
+        balance_after=balances.credits,
         type=type,
         task_id=task_id,
         refund_of_id=refund_of.id if refund_of is not None else None,
@@ -154,31 +173,31 @@ def post_entry(
         stripe_event_id=stripe_event_id,
         period=period,
         description=description,
-    )
-    session.add(entry)
-    session.flush()
-    return entry
+        created_at=utcnow(),
+    )).one()
 
 
 def spend_credits(
     session: Session, user_id: uuid.UUID, amount: int, *, type: str, task_id: uuid.UUID | None = None,
     description: str | None = None,
-) -> Transaction:
+) -> Row:
     """Take `amount` credits, from the plan bucket first (they expire), then purchased."""
     if amount <= 0:
         raise ValueError("amount must be positive")
     # The lock makes the split below the one the UPDATE applies.
-    user = lock_user(session, user_id)
-    if user.credits < amount:
+    buckets = session.execute(_LOCK_BUCKETS, {"user_id": user_id}).one_or_none()
+    if buckets is None:
+        raise UserNotFound()
+    if buckets.plan_credits + buckets.purchased_credits < amount:
         raise InsufficientCredits()
-    from_plan = min(user.plan_credits, amount)
+    from_plan = min(buckets.plan_credits, amount)
     return post_entry(
         session, user_id, type=type, plan_delta=-from_plan, purchased_delta=-(amount - from_plan),
         task_id=task_id, description=description,
     )
 
 
-def reverse_entry(session: Session, charge: Transaction, *, description: str | None = None) -> Transaction:
+def reverse_entry(session: Session, charge: Transaction | Row, *, description: str | None = None) -> Row:
     """Refund a charge into the buckets it came from. The DB refuses a second refund."""
     return post_entry(
         session, charge.user_id, type="credit_refund", plan_delta=-charge.plan_delta,
@@ -212,10 +231,11 @@ def initialize_user(
         return get_user(session, clerk_id), False
     user = lock_user(session, user_id)
     grant_signup_credits(session, user)
+    session.refresh(user)  # the grant moved its buckets
     return user, True
 
 
-def grant_signup_credits(session: Session, user: User) -> Transaction | None:
+def grant_signup_credits(session: Session, user: User) -> Row | None:
     plan = get_plan(session, user.plan_id)
     user.credit_reset_at = add_months(utcnow(), 1)
     if plan.monthly_credits == 0:

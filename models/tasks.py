@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     and_,
+    bindparam,
     func,
     or_,
     select,
@@ -34,11 +35,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.engine import Row
+from sqlalchemy.orm import Mapped, Session, defer, mapped_column
 
 from tasktypes import TASK_TYPES, queue_for
+from tasktypes.addresses import url_refusal
 from tasktypes.inputs import input_sources, source_ref
-from tasktypes.params import parse_params
+from tasktypes.params import parse_params, stored_params
 
 from .base import Base, check_storable, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
@@ -114,20 +117,34 @@ def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> s
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+# Failing or cancelling a task never reads its request or output: loading them only on use
+# means a stored request nobody can read can still be failed and refunded.
+_WITHOUT_REQUEST = (defer(AiTask.input), defer(AiTask.params), defer(AiTask.output))
+
+
+# Plain Core on the table, for the statements the worker runs on every task: a conditional
+# UPDATE says by its row count (or RETURNING) whether it matched, and keeps no ORM object
+# in step; a caller that holds one re-reads it.
+_tasks = AiTask.__table__
+
+
 def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None = None) -> AiTask | None:
-    task = session.get(AiTask, task_id, with_for_update=True, populate_existing=True)
+    task = session.get(AiTask, task_id, with_for_update=True, populate_existing=True, options=_WITHOUT_REQUEST)
     if task is None or (user_id is not None and task.user_id != user_id):
         return None
     return task
 
 
+_IN_FLIGHT_AND_RESERVED = (
+    select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
+    .where(AiTask.user_id == bindparam("user_id"), AiTask.status.in_(IN_FLIGHT))
+)
+
+
 def in_flight_and_reserved(session: Session, user_id: uuid.UUID) -> tuple[int, int]:
     """The user's tasks in flight, and the credits promised to the pending ones (charged
     when a worker starts them), in one query served by the in-flight index."""
-    count, reserved = session.execute(
-        select(func.count(), func.coalesce(func.sum(AiTask.credits_used).filter(AiTask.status == "pending"), 0))
-        .where(AiTask.user_id == user_id, AiTask.status.in_(IN_FLIGHT))
-    ).one()
+    count, reserved = session.execute(_IN_FLIGHT_AND_RESERVED, {"user_id": user_id}).one()
     return int(count), int(reserved)
 
 
@@ -153,22 +170,56 @@ def credit_summary(session: Session, user: User) -> CreditSummary:
     )
 
 
-def validate_task_request(task_type: Any, input: Any, params: Any):
-    """The request's params as their schema reads them; InvalidInput (400) naming the first
-    failing field otherwise. Nothing here touches the database."""
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Which URL inputs admission lets through (the fetcher's FETCH_ALLOW_PRIVATE and
+    FETCH_ALLOWED_HOSTS); the default is the strict one."""
+
+    allow_private: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+
+
+# A task's input is one to twenty short sources; anything larger is not a task input.
+MAX_INPUT_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A validated submission: the params as their schema read them, and what is stored."""
+
+    params: Any
+    stored_params: dict[str, Any]
+
+
+def validate_task_request(task_type: Any, input: Any, params: Any, *,
+                          url_policy: UrlPolicy = UrlPolicy()) -> TaskRequest:
+    """The request checked against the vocabulary of its type; InvalidInput (400) naming the
+    first failing field otherwise. URLs that could never be fetched (a literal private or
+    metadata address, credentials) are refused here, without DNS. No database access."""
     if task_type not in TASK_TYPES:
         raise InvalidInput(f"type must be one of {', '.join(TASK_TYPES)}", code="invalid_task_type")
     if input is None:
         raise InvalidInput("input is required", code="invalid_input")
+    if len(json.dumps(input)) > MAX_INPUT_BYTES:
+        raise InvalidInput(f"input is larger than {MAX_INPUT_BYTES} bytes", code="invalid_input")
     try:
-        for source in input_sources(task_type, input):
-            source_ref(source, "input")
+        sources = [source_ref(source, "input") for source in input_sources(task_type, input)]
     except ValueError as exc:
         raise InvalidInput(str(exc), code="invalid_input") from None
+    for kind, ref in sources:
+        refusal = url_refusal(ref, allow_private=url_policy.allow_private,
+                              allowed_hosts=url_policy.allowed_hosts) if kind == "url" else None
+        if refusal:
+            raise InvalidInput(f"input: the URL {refusal}; it cannot be fetched", code="url_not_allowed")
     try:
-        return parse_params(task_type, params)
+        parsed = parse_params(task_type, params)
     except ValidationError as exc:
         raise InvalidInput.from_validation(exc, params, prefix="params", code="invalid_params") from None
+    try:
+        stored = stored_params(task_type, params, parsed)
+    except ValueError as exc:
+        raise InvalidInput(f"params {exc}", code="invalid_params") from None
+    return TaskRequest(parsed, stored)
 
 
 def submit_task(
@@ -179,6 +230,7 @@ def submit_task(
     params: dict[str, Any] | None = None,
     *,
     idempotency_key: str | None = None,
+    url_policy: UrlPolicy = UrlPolicy(),
 ) -> tuple[AiTask, bool]:
     """Admit a task: valid request, own uploads, plan allows the type, in-flight under the
     limit, available credits cover it; then its message is sent after commit.
@@ -188,8 +240,8 @@ def submit_task(
     (task, created); nothing is charged here, the worker charges when it starts.
     """
     params = {} if params is None else params
-    parsed = validate_task_request(task_type, input, params)
-    cost = task_cost(task_type, parsed)
+    request = validate_task_request(task_type, input, params, url_policy=url_policy)
+    cost = task_cost(task_type, request.params)
     # Spares the user a charge-and-refund for another user's (or a mistyped) upload id.
     check_inputs_owned(session, user.id, task_type, input)
     fingerprint = request_fingerprint(task_type, input, params)
@@ -216,8 +268,9 @@ def submit_task(
     if available < cost:
         raise InsufficientCredits(f"This task costs {cost} credits; you have {max(available, 0)} available")
 
-    task = AiTask(user_id=user.id, type=task_type, status="pending", input=input, params=params, credits_used=cost,
-                  queue=queue_for(task_type), idempotency_key=idempotency_key, request_hash=fingerprint)
+    task = AiTask(user_id=user.id, type=task_type, status="pending", input=input, params=request.stored_params,
+                  credits_used=cost, queue=queue_for(task_type), idempotency_key=idempotency_key,
+                  request_hash=fingerprint)
     session.add(task)
     session.flush()
     enqueue_after_commit(session, task.type, task.id)
@@ -236,6 +289,33 @@ class TaskWork:
     attempt: int
 
 
+_LOCK_FOR_START = (
+    select(_tasks.c.user_id, _tasks.c.type, _tasks.c.status, _tasks.c.input, _tasks.c.params,
+           _tasks.c.credits_used, _tasks.c.attempt)
+    .where(_tasks.c.id == bindparam("task_id")).with_for_update()
+)
+
+
+_MARK_STARTED = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
+    .values(status="processing", started_at=bindparam("now"), attempt=_tasks.c.attempt + 1)
+)
+_MARK_RESUMED = _tasks.update().where(_tasks.c.id == bindparam("task_id")).values(attempt=_tasks.c.attempt + 1)
+_MARK_UNFUNDED = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"))
+    .values(status="failed", error_code="insufficient_credits", error=bindparam("error"), completed_at=bindparam("now"))
+)
+_REPORT_PROGRESS = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
+    .values(progress=bindparam("progress")).returning(_tasks.c.status)
+)
+_COMPLETE = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
+    .values(status="completed", output=bindparam("output", type_=JSONB), progress=100,
+            completed_at=bindparam("now"), error=None, error_code=None)
+)
+
+
 def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False) -> TaskWork | None:
     """Charge and move a pending task to processing; or resume one whose runner died.
 
@@ -243,43 +323,42 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
     another live runner (a duplicate delivery). `may_resume` is True only when the caller
     holds the task's lease, which proves the earlier runner is dead; resuming never
     charges again (and the unique charge index would refuse it anyway).
+
+    Plain statements on the tables, as every task runs them: a caller that holds the task or
+    its user as objects re-reads them.
     """
+    session.flush()  # what the caller has pending comes first
     # The row lock serializes this start with a cancel, a second delivery and the reaper.
-    task = _lock_task(session, task_id)
-    if task is None:
+    row = session.execute(_LOCK_FOR_START, {"task_id": task_id}).one_or_none()
+    if row is None:
         return None
-    if task.status == "pending":
+    if row.status == "pending":
         try:
             # spend_credits raises before it writes anything, so no savepoint is needed.
-            spend_credits(session, task.user_id, task.credits_used, type="credit_deduction", task_id=task.id,
-                          description=f"{task.type} task")
+            spend_credits(session, row.user_id, row.credits_used, type="credit_deduction", task_id=task_id,
+                          description=f"{row.type} task")
         except InsufficientCredits:
-            task.status, task.completed_at = "failed", utcnow()
-            task.error_code, task.error = "insufficient_credits", f"Not enough credits: this task costs {task.credits_used}"
-            session.flush()
+            session.execute(_MARK_UNFUNDED, {"task_id": task_id, "now": utcnow(),
+                                             "error": f"Not enough credits: this task costs {row.credits_used}"})
             return None
-        task.status, task.started_at = "processing", utcnow()
-    elif task.status == "processing" and may_resume:
-        if task.attempt >= MAX_ATTEMPTS:
+        session.execute(_MARK_STARTED, {"task_id": task_id, "now": utcnow()})
+    elif row.status == "processing" and may_resume:
+        if row.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
             # otherwise be redelivered forever while charged: give up and refund.
             fail_task(session, task_id, "The task stopped its worker repeatedly and was given up", "worker_lost")
             return None
+        session.execute(_MARK_RESUMED, {"task_id": task_id})
     else:
         return None
-    task.attempt += 1
-    session.flush()
-    return TaskWork(task.id, task.user_id, task.type, task.input, dict(task.params or {}), task.attempt)
+    return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)
 
 
 def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:
     """Store progress while processing; return the task's current status (for cancellation)."""
     progress = max(0, min(100, int(progress)))
-    session.execute(
-        update(AiTask).where(AiTask.id == task_id, AiTask.status == "processing").values(progress=progress),
-        execution_options={"synchronize_session": False},
-    )
-    return task_status(session, task_id)
+    status = session.execute(_REPORT_PROGRESS, {"task_id": task_id, "progress": progress}).scalar_one_or_none()
+    return status or task_status(session, task_id)
 
 
 def task_status(session: Session, task_id: uuid.UUID) -> str | None:
@@ -296,15 +375,11 @@ def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) 
     characters, lone surrogates, NaN), so the caller fails and refunds instead.
     """
     check_storable(output, "output", code="output_invalid")
-    result = session.execute(
-        update(AiTask).where(AiTask.id == task_id, AiTask.status == "processing")
-        .values(status="completed", output=output, progress=100, completed_at=utcnow(), error=None, error_code=None),
-        execution_options={"synchronize_session": False},
-    )
+    result = session.execute(_COMPLETE, {"task_id": task_id, "output": output, "now": utcnow()})
     return result.rowcount == 1
 
 
-def refund_task(session: Session, task: AiTask, reason: str) -> Transaction | None:
+def refund_task(session: Session, task: AiTask, reason: str) -> Row | None:
     """Refund the task's charge, if it was charged and not refunded yet."""
     charge = session.scalar(
         select(Transaction).where(Transaction.task_id == task.id, Transaction.type == "credit_deduction")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, Computed, ForeignKey, Integer, String, func, select
+from sqlalchemy import CheckConstraint, Computed, ForeignKey, Integer, String, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
@@ -34,8 +34,13 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
 
 
+# Built once (a statement memoizes its cache key): every request runs these.
+_BY_CLERK_ID = select(User).where(User.clerk_id == bindparam("clerk_id"))
+_LOCK = select(User).where(User.id == bindparam("user_id")).with_for_update().execution_options(populate_existing=True)
+
+
 def get_user(session: Session, clerk_id: str) -> User:
-    user = session.scalar(select(User).where(User.clerk_id == clerk_id))
+    user = session.scalar(_BY_CLERK_ID, {"clerk_id": clerk_id})
     if user is None:
         raise UserNotFound()
     return user
@@ -47,7 +52,7 @@ def lock_user(session: Session, user_id: uuid.UUID) -> User:
     Every decision about a user's money (admit a task, charge, reset) is taken under this
     lock, so two concurrent decisions see each other's effects.
     """
-    user = session.get(User, user_id, with_for_update=True, populate_existing=True)
+    user = session.scalar(_LOCK, {"user_id": user_id})
     if user is None:
         raise UserNotFound()
     return user

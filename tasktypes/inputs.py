@@ -21,6 +21,9 @@ MAX_SOURCE_CHARS = 2048
 
 def source_ref(source: Any, where: str = "input") -> tuple[str, str]:
     """Read one input source as ("upload", id) or ("url", http(s) URL); ValueError otherwise."""
+    if isinstance(source, dict) and len(source) != 1:
+        # Nothing but the one key is read, so nothing else is kept either.
+        raise ValueError(f"{where} must be {{uploadId}} or {{url}} with no other keys")
     if isinstance(source, dict) and isinstance(source.get("uploadId"), str):
         kind, ref = "upload", source["uploadId"].strip()
     elif isinstance(source, dict) and isinstance(source.get("url"), str):
@@ -42,6 +45,8 @@ def input_sources(task_type: str, input: Any) -> list[Any]:
 
     The sources themselves are not checked here (see `source_ref`)."""
     if task_type == "video_generation" and isinstance(input, dict) and "images" in input:
+        if len(input) != 1:
+            raise ValueError("input must be {images: [...]} with no other keys")
         images = input["images"]
         if not isinstance(images, list) or not 1 <= len(images) <= MAX_VIDEO_IMAGES:
             raise ValueError(f"input.images must be a list of 1 to {MAX_VIDEO_IMAGES} sources")

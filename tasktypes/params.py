@@ -22,6 +22,8 @@ Conventions:
 
 from __future__ import annotations
 
+import json
+
 import re
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, Mapping, Union
@@ -624,6 +626,32 @@ def parse_params(task_type: str, raw: Any) -> TaskParams:
     if model is None:
         raise ValueError(f"no params schema for task type {task_type!r}")
     return model.model_validate({} if raw is None else raw)
+
+
+# Unknown top-level keys (a newer client's, a stand-in processor's) are kept up to this size;
+# what the schema knows is bounded by the schema itself.
+MAX_UNKNOWN_PARAMS_BYTES = 1024
+
+
+def _accepted_keys(model: type[BaseModel]) -> set[str]:
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        keys.update(k for k in (name, info.alias, info.serialization_alias) if k)
+        choices = getattr(info.validation_alias, "choices", None) or [info.validation_alias]
+        keys.update(c for c in choices if isinstance(c, str))
+    return keys
+
+
+def stored_params(task_type: str, raw: dict[str, Any], parsed: TaskParams) -> dict[str, Any]:
+    """What a task keeps of its params: what the schema read, as it reads it (camelCase),
+    plus unknown top-level keys up to MAX_UNKNOWN_PARAMS_BYTES (ValueError past that)."""
+    known = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    accepted = _accepted_keys(type(parsed))
+    unknown = {key: value for key, value in raw.items() if key not in accepted}
+    if unknown and len(json.dumps(unknown)) > MAX_UNKNOWN_PARAMS_BYTES:
+        raise ValueError(f"holds more than {MAX_UNKNOWN_PARAMS_BYTES} bytes of options the "
+                         f"{task_type} schema does not know ({', '.join(sorted(unknown)[:5])})")
+    return {**unknown, **known}
 
 
 def normalize_params(task_type: str, raw: Any) -> dict[str, Any]:

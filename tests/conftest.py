@@ -28,9 +28,12 @@ from api.app import create_app
 from devenv.embedded import migrate, start_postgres, start_redis
 from models.db import make_session_factory
 from settings import Settings, sqlalchemy_url
+from tests.support.env import redis_db, worker_env
+from tests.support.http import sign_up
+from tests.support.processors import OVERRIDES
+from tests.support.workers import CeleryWorker
 from worker.queue import TaskQueue, create_celery
 
-ROOT = Path(__file__).resolve().parent.parent
 TEST_JWT_SECRET = "test-secret-" + "x" * 32
 UNIT_REDIS_DB, E2E_REDIS_DB = 1, 2
 
@@ -64,18 +67,6 @@ def _database_url(admin_url: str, name: str) -> str:
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
-def _redis_db(url: str, db: int) -> str:
-    return url.rsplit("/", 1)[0] + f"/{db}" if url.count("/") >= 3 else f"{url}/{db}"
-
-
-def isolated_broker(settings: Settings, db: int) -> Settings:
-    """The same settings on an emptied Redis database that no other test's worker consumes
-    (each test module that starts its own worker takes its own number)."""
-    isolated = settings.with_(broker_url=_redis_db(settings.broker_url, db))
-    redis.Redis.from_url(isolated.broker_url).flushdb()
-    return isolated
-
-
 @pytest.fixture(scope="session")
 def databases(servers) -> Iterator[dict[str, str]]:
     """A migrated `unit` database and an `e2e` copy of it, unique to this run."""
@@ -100,7 +91,7 @@ def settings(databases, servers, tmp_path_factory) -> Settings:
     return Settings(
         environment="test",
         database_url=databases["unit"],
-        broker_url=_redis_db(servers["redis"], UNIT_REDIS_DB),
+        broker_url=redis_db(servers["redis"], UNIT_REDIS_DB),
         jwt_secret=TEST_JWT_SECRET,
         media_root=tmp_path_factory.mktemp("media"),
         frontend_url="http://frontend.test",
@@ -167,15 +158,10 @@ def make_token(settings) -> Callable[..., str]:
     return make
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture
 def user_headers(client, make_token) -> dict[str, str]:
     """Headers of a freshly initialized free-plan user."""
-    headers = bearer(make_token())
-    assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+    headers, _ = sign_up(client, make_token())
     return headers
 
 
@@ -188,7 +174,7 @@ E2E_TABLES = ("transactions", "ai_tasks", "uploads", "stripe_events", "users")
 def e2e_settings(settings, databases, servers, tmp_path_factory) -> Settings:
     return settings.with_(
         database_url=databases["e2e"],
-        broker_url=_redis_db(servers["redis"], E2E_REDIS_DB),
+        broker_url=redis_db(servers["redis"], E2E_REDIS_DB),
         media_root=tmp_path_factory.mktemp("e2e-media"),
     )
 
@@ -219,27 +205,9 @@ def e2e_client(e2e_settings, e2e_engine, e2e_db, e2e_queue) -> testing.TestClien
     return testing.TestClient(create_app(e2e_settings, engine=e2e_engine, session_factory=e2e_db, queue=e2e_queue))
 
 
-def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "BROKER_URL"))}
-    env.update(
-        APP_ENV="test",
-        DATABASE_URL=settings.database_url,
-        REDIS_URL=settings.broker_url,
-        JWT_SECRET=settings.jwt_secret,
-        MEDIA_ROOT=str(settings.media_root),
-        STUDIOX_DOTENV="/nonexistent",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="session")
 def e2e_worker(e2e_settings, tmp_path_factory):
     """One worker on every queue, with the timed stand-in processors."""
-    from tests.support.processors import OVERRIDES
-    from tests.support.workers import CeleryWorker
-
     log = tmp_path_factory.mktemp("logs") / "worker.log"
     worker = CeleryWorker(worker_env(e2e_settings, PROCESSOR_OVERRIDES=OVERRIDES), concurrency=4, log_path=log)
     worker.start(create_celery(e2e_settings))

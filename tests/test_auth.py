@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from falcon import testing
 
 from api.app import create_app
-from tests.conftest import bearer
+from tests.support.http import bearer
 
 ERROR_KEYS = {"error", "statusCode", "code"}
 

@@ -4,7 +4,6 @@ once, lost messages re-sent, stuck tasks reaped — run by real workers, fired r
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -15,8 +14,7 @@ from models.billing import apply_stripe_event, change_plan
 from models.credits import ledger_sum, reset_plan_credits
 from models.db import session_scope
 from models.leases import task_lease
-from models.tasks import start_task, submit_task
-from models.credits import initialize_user
+from tests.support.builders import make_charged_task, make_task, make_user
 from tests.support.concurrency import at_once
 from tests.support.workers import wait_for
 
@@ -30,7 +28,7 @@ def count(session, user_id, type_):
 @pytest.fixture
 def user_id(e2e_db):
     with session_scope(e2e_db) as s:
-        user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:10]}")
+        user = make_user(s)
     return user.id
 
 
@@ -132,7 +130,7 @@ class TestLostMessageSweep:
         with session_scope(e2e_db) as s:
             upload = add_upload(s, user_id, content_type="application/octet-stream", size=1, sha256="0" * 64,
                                 storage_key=key)
-            task, _ = submit_task(s, s.get(User, user_id), "image_analysis", str(upload.id), {})
+            task = make_task(s, s.get(User, user_id), input=str(upload.id))
             # Committed, never sent, and old enough to be considered lost.
             task.created_at = utcnow() - timedelta(hours=1)
         e2e_queue.celery.send_task("maintenance.sweep_lost_messages")
@@ -147,9 +145,7 @@ class TestStuckTaskReaper:
     def _stuck(self, e2e_db, user_id):
         with session_scope(e2e_db) as s:
             change_plan(s, user_id, "pro")
-            task, _ = submit_task(s, s.get(User, user_id), "image_analysis", "https://example.com/x.png", {})
-            s.flush()
-            start_task(s, task.id)
+            task = make_charged_task(s, s.get(User, user_id))
             task.started_at = utcnow() - timedelta(hours=3)
         return task.id
 

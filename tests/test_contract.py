@@ -19,10 +19,10 @@ from schemathesis.config import SchemathesisConfig
 
 from api.app import create_app, routes
 from api.openapi import build_document
-from models.credits import initialize_user, post_entry
 from models.db import session_scope
 from settings import Settings
-from tests.conftest import isolated_broker
+from tests.support.builders import make_user
+from tests.support.env import isolated_broker
 from worker.queue import TaskQueue, create_celery
 
 ISOLATED_REDIS_DB = 14  # tasks the fuzzer creates are queued where no worker consumes
@@ -92,14 +92,12 @@ def fuzz_app(e2e_settings, e2e_engine, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fuzz_identities(fuzz_app, e2e_engine, make_token):
     """A real user on the enterprise plan with plenty of credits, and an operator."""
-    from models.billing import change_plan
     from models.db import make_session_factory
 
     clerk_id = f"fuzz_{uuid.uuid4().hex[:10]}"
     with session_scope(make_session_factory(e2e_engine)) as session:
-        user, _ = initialize_user(session, clerk_id, email="fuzz@example.com", name="Fuzz")
-        change_plan(session, user.id, "enterprise")
-        post_entry(session, user.id, type="admin_adjustment", purchased_delta=1_000_000)
+        make_user(session, plan="enterprise", purchased=1_000_000, clerk_id=clerk_id, email="fuzz@example.com",
+                  name="Fuzz")
     return {"user": make_token(clerk_id, ttl=3600), "admin": make_token(clerk_id, ttl=3600, role="admin")}
 
 

@@ -7,9 +7,9 @@ import uuid
 from datetime import timedelta
 
 from models import AiTask
-from models.credits import initialize_user
 from models.db import enqueue_after_commit, set_sender
-from models.tasks import admin_set_status, requeue_lost_tasks, submit_task
+from models.tasks import admin_set_status, requeue_lost_tasks
+from tests.support.builders import make_task, make_user
 
 
 class Recorder:
@@ -34,8 +34,8 @@ class TestOutbox:
         send = Recorder(visible)
         with e2e_db() as s:
             set_sender(s, send)
-            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            user = make_user(s)
+            task = make_task(s, user)
             assert send.sent == []
             s.commit()
         assert send.sent == [("image_analysis", task.id)] and seen == [True]
@@ -44,8 +44,8 @@ class TestOutbox:
         send = Recorder()
         with e2e_db() as s:
             set_sender(s, send)
-            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            user = make_user(s)
+            make_task(s, user)
             s.rollback()
             s.commit()
         assert send.sent == []
@@ -66,8 +66,8 @@ class TestOutbox:
 
         with e2e_db() as s:
             set_sender(s, broker_down)
-            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            user = make_user(s)
+            task = make_task(s, user)
             s.commit()
         with e2e_db() as s:
             assert s.get(AiTask, task.id).status == "pending"
@@ -75,8 +75,8 @@ class TestOutbox:
     def test_operator_requeue_and_sweep_use_the_same_outbox(self, e2e_db):
         send = Recorder()
         with e2e_db() as s:
-            user, _ = initialize_user(s, f"u_{uuid.uuid4().hex[:8]}")
-            task, _ = submit_task(s, user, "image_analysis", "https://example.com/a.png", {})
+            user = make_user(s)
+            task = make_task(s, user)
             s.commit()
         with e2e_db() as s:
             set_sender(s, send)

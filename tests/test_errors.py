@@ -15,7 +15,7 @@ from falcon import testing
 from api.app import create_app
 from api.middleware import BodyLimitMiddleware
 from models import User
-from tests.conftest import bearer
+from tests.support.http import bearer
 
 ERROR_KEYS = {"error", "statusCode", "code"}
 SECRET_DETAIL = "db password is hunter2"
@@ -120,8 +120,13 @@ class TestRequestBodyErrors:
         result = small.simulate_post("/api/users/initialize", headers=bearer(make_token()), json={"name": "x" * 100})
         assert_error(result, 413, "payload_too_large")
 
-    def test_body_over_limit_is_refused_before_auth(self, small):
-        assert_error(small.simulate_post("/api/users/initialize", json={"name": "x" * 100}), 413)
+    def test_an_anonymous_body_is_refused_before_it_is_read(self, small):
+        # Authentication comes first: an anonymous client learns nothing about the limits.
+        assert_error(small.simulate_post("/api/users/initialize", json={"name": "x" * 100}), 401)
+
+    def test_body_over_limit_is_413(self, small, make_token):
+        assert_error(small.simulate_post("/api/users/initialize", headers=bearer(make_token()),
+                                         json={"name": "x" * 100}), 413)
 
     def test_body_at_limit_is_accepted(self, small):
         body = json.dumps({"n": "x" * 50})

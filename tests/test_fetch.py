@@ -7,7 +7,6 @@ getaddrinfo; connections still go to the real loopback server.
 
 from __future__ import annotations
 
-import io
 import socket
 import threading
 import time
@@ -15,20 +14,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from PIL import Image
 
 from settings import Settings
+from tests.support.builders import image_bytes
 from worker.fetch import fetch_to_file
 from worker.processors.base import PermanentError, TransientError
 
 
-def png_bytes(size=(8, 6)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-PNG = png_bytes()
+PNG = image_bytes("PNG")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -340,15 +333,14 @@ ISOLATED_REDIS_DB = 12  # a broker database no other test's worker consumes
 @pytest.fixture(scope="module")
 def url_worker(e2e_settings, server, tmp_path_factory):
     """The real image_analysis processor; only the loopback test server is allowed, by configuration."""
-    import redis
-
-    from tests.conftest import worker_env
+    from tests.support.env import isolated_broker, worker_env
     from tests.support.workers import CeleryWorker
     from worker.queue import create_celery
 
-    settings = e2e_settings.with_(broker_url=e2e_settings.broker_url.rsplit("/", 1)[0] + f"/{ISOLATED_REDIS_DB}")
-    redis.Redis.from_url(settings.broker_url).flushdb()
-    env = worker_env(settings, FETCH_ALLOWED_HOSTS=f"127.0.0.1:{server.server_address[1]}")
+    allowed = f"127.0.0.1:{server.server_address[1]}"
+    # The API admits the URL under the same allowance the worker fetches it with.
+    settings = isolated_broker(e2e_settings, ISOLATED_REDIS_DB).with_(fetch_allowed_hosts=(allowed,))
+    env = worker_env(settings, FETCH_ALLOWED_HOSTS=allowed)
     worker = CeleryWorker(env, queues=("image_analysis",), concurrency=1, name="fetch",
                           log_path=tmp_path_factory.mktemp("logs") / "fetch-worker.log")
     worker.start(create_celery(settings))
@@ -361,13 +353,12 @@ def url_client(url_worker, e2e_engine, e2e_db, make_token):
     from falcon import testing
 
     from api.app import create_app
-    from tests.conftest import bearer
+    from tests.support.http import sign_up
     from worker.queue import TaskQueue, create_celery
 
     client = testing.TestClient(create_app(url_worker, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(create_celery(url_worker))))
-    headers = bearer(make_token())
-    assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+    headers, _ = sign_up(client, make_token())
     return client, headers
 
 

@@ -8,7 +8,6 @@ Plus invariant 3's ledger half: a refund mirrors exactly one charge, at most onc
 from __future__ import annotations
 
 import random
-import threading
 import uuid
 from collections import Counter
 
@@ -16,46 +15,14 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from models import AiTask, Transaction, User
+from models import Transaction, User
 from models.credits import ledger_sum, post_entry, reverse_entry, spend_credits
 from models.db import session_scope
 from models.errors import InsufficientCredits
-from models.credits import initialize_user
+from tests.support.builders import make_task_row, make_user
+from tests.support.concurrency import at_once
 
 THREADS = 20
-
-
-def run_threads(target, count: int = THREADS) -> list:
-    """Run `target(i)` in `count` threads released together; re-raise the first unexpected error."""
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = target(i)
-        except BaseException as exc:  # surfaced below, with its traceback
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    if errors:
-        raise errors[0]
-    return results
-
-
-def new_user(session_factory, *, purchased: int = 0) -> uuid.UUID:
-    with session_scope(session_factory) as session:
-        user, _ = initialize_user(session, f"user_{uuid.uuid4().hex[:12]}")
-        if purchased:
-            post_entry(session, user.id, type="credit_purchase", purchased_delta=purchased,
-                       stripe_event_id=f"evt_{uuid.uuid4().hex}")
-        return user.id
 
 
 def assert_ledger_consistent(session, user_id: uuid.UUID) -> list[Transaction]:
@@ -79,7 +46,8 @@ def assert_ledger_consistent(session, user_id: uuid.UUID) -> list[Transaction]:
 
 class TestLedgerUnderConcurrency:
     def test_concurrent_mixed_operations_keep_every_invariant(self, e2e_db):
-        user_id = new_user(e2e_db, purchased=10)
+        with session_scope(e2e_db) as s:
+            user_id = make_user(s, purchased=10).id
         with e2e_db() as s:
             rows_before = s.scalar(select(func.count()).select_from(Transaction).where(Transaction.user_id == user_id))
             credits_before = s.get(User, user_id).credits
@@ -116,7 +84,7 @@ class TestLedgerUnderConcurrency:
             return done
 
         totals: Counter = Counter()
-        for done in run_threads(work):
+        for done in at_once(THREADS, work):
             totals.update(done)  # update() keeps negative sums, `+` would drop them
         # The workload must reach both outcomes, or it proves nothing about the edge.
         assert totals["ok"] > 20 and totals["refused"] > 5, totals
@@ -127,7 +95,8 @@ class TestLedgerUnderConcurrency:
             assert s.get(User, user_id).credits == credits_before + totals["delta"]
 
     def test_concurrent_spends_never_overdraw(self, e2e_db):
-        user_id = new_user(e2e_db)  # the free plan's 20 credits
+        with session_scope(e2e_db) as s:
+            user_id = make_user(s).id  # the free plan's 20 credits
         with e2e_db() as s:
             start = s.get(User, user_id).credits
         assert start == 20
@@ -140,14 +109,15 @@ class TestLedgerUnderConcurrency:
             except InsufficientCredits:
                 return False
 
-        results = run_threads(spend)
+        results = at_once(THREADS, spend)
         assert results.count(True) == start // 3
         with e2e_db() as s:
             assert_ledger_consistent(s, user_id)
             assert s.get(User, user_id).credits == start % 3
 
     def test_concurrent_bucket_moves_never_overdraw_either_bucket(self, e2e_db):
-        user_id = new_user(e2e_db, purchased=9)  # plan 20, purchased 9
+        with session_scope(e2e_db) as s:
+            user_id = make_user(s, purchased=9).id  # plan 20, purchased 9
 
         def drain(i: int) -> bool:
             try:
@@ -160,7 +130,7 @@ class TestLedgerUnderConcurrency:
             except InsufficientCredits:
                 return False
 
-        results = run_threads(drain)
+        results = at_once(THREADS, drain)
         assert sum(results[1::2]) == 4 and sum(results[0::2]) == 6
         with e2e_db() as s:
             user = s.get(User, user_id)
@@ -170,16 +140,7 @@ class TestLedgerUnderConcurrency:
 
 @pytest.fixture
 def user(session) -> User:
-    user, _ = initialize_user(session, f"user_{uuid.uuid4().hex[:12]}")
-    return user
-
-
-def add_task(session, user: User, credits: int = 3) -> AiTask:
-    task = AiTask(user_id=user.id, type="image_analysis", status="processing", input="https://example.com/a.png",
-                  params={}, credits_used=credits, queue="image_analysis")
-    session.add(task)
-    session.flush()
-    return task
+    return make_user(session)
 
 
 def refresh(session, user: User) -> User:
@@ -190,6 +151,7 @@ class TestSpendOrder:
     def test_spend_takes_the_plan_bucket_first_then_purchased(self, session, user):
         post_entry(session, user.id, type="credit_purchase", purchased_delta=10, stripe_event_id=f"evt_{uuid.uuid4().hex}")
         post_entry(session, user.id, type="admin_adjustment", plan_delta=-(user.plan_credits - 5))
+        user = refresh(session, user)
         assert (user.plan_credits, user.purchased_credits) == (5, 10)
 
         both = spend_credits(session, user.id, 7, type="admin_adjustment")
@@ -234,27 +196,29 @@ class TestDatabaseGuards:
 
 
 class TestRefundMirrorsCharge:
-    def test_refund_restores_the_buckets_the_charge_took_from(self, session, user):
+    @pytest.fixture
+    def task(self, session, user):
+        """A processing task priced at 3 credits whose charge each test posts itself."""
+        return make_task_row(session, user.id, status="processing", credits=3)
+
+    def test_refund_restores_the_buckets_the_charge_took_from(self, session, user, task):
         post_entry(session, user.id, type="credit_purchase", purchased_delta=5, stripe_event_id=f"evt_{uuid.uuid4().hex}")
         post_entry(session, user.id, type="admin_adjustment", plan_delta=-(user.plan_credits - 1))
-        task = add_task(session, user, 3)
         charge = spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         refund = reverse_entry(session, charge)
         assert (refund.plan_delta, refund.purchased_delta, refund.refund_of_id) == (1, 2, charge.id)
         user = refresh(session, user)
         assert (user.plan_credits, user.purchased_credits) == (1, 5)
 
-    def test_mismatched_refund_is_refused(self, session, user):
-        task = add_task(session, user, 3)
+    def test_mismatched_refund_is_refused(self, session, user, task):
         charge = spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         with pytest.raises(IntegrityError, match="refund_mirrors_charge"):
             with session.begin_nested():
                 post_entry(session, user.id, type="credit_refund", plan_delta=5, task_id=task.id, refund_of=charge)
         assert refresh(session, user).credits == ledger_sum(session, user.id)
 
-    def test_refund_naming_a_charge_it_does_not_mirror_is_refused_via_raw_sql(self, session, user):
+    def test_refund_naming_a_charge_it_does_not_mirror_is_refused_via_raw_sql(self, session, user, task):
         # The row is self-consistent (amount == -refund_of_amount) but no such charge exists.
-        task = add_task(session, user, 3)
         charge = spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         with pytest.raises(IntegrityError, match="fk_transactions_refund_of_charge"):
             with session.begin_nested():
@@ -264,21 +228,19 @@ class TestRefundMirrorsCharge:
                     " VALUES (:user, 2, 2, 0, 'plan', 100, 'credit_refund', :task, :charge, -2)"
                 ), {"user": user.id, "task": task.id, "charge": charge.id})
 
-    def test_refund_of_another_tasks_charge_is_refused(self, session, user):
-        task, other = add_task(session, user, 3), add_task(session, user, 3)
+    def test_refund_of_another_tasks_charge_is_refused(self, session, user, task):
+        other = make_task_row(session, user.id, status="processing", credits=3)
         charge = spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         with pytest.raises(IntegrityError, match="fk_transactions_refund_of_charge"):
             with session.begin_nested():
                 post_entry(session, user.id, type="credit_refund", plan_delta=3, task_id=other.id, refund_of=charge)
 
-    def test_refund_without_a_charge_is_refused(self, session, user):
-        task = add_task(session, user, 3)
+    def test_refund_without_a_charge_is_refused(self, session, user, task):
         with pytest.raises(IntegrityError, match="refund_mirrors_charge"):
             with session.begin_nested():
                 post_entry(session, user.id, type="credit_refund", plan_delta=3, task_id=task.id)
 
-    def test_second_refund_for_the_same_charge_is_refused(self, session, user):
-        task = add_task(session, user, 3)
+    def test_second_refund_for_the_same_charge_is_refused(self, session, user, task):
         charge = spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         reverse_entry(session, charge)
         credits = refresh(session, user).credits
@@ -287,8 +249,7 @@ class TestRefundMirrorsCharge:
                 reverse_entry(session, charge)
         assert refresh(session, user).credits == credits == ledger_sum(session, user.id)
 
-    def test_second_charge_for_the_same_task_is_refused(self, session, user):
-        task = add_task(session, user, 3)
+    def test_second_charge_for_the_same_task_is_refused(self, session, user, task):
         spend_credits(session, user.id, 3, type="credit_deduction", task_id=task.id)
         with pytest.raises(IntegrityError, match="uq_transactions_one_charge_per_task"):
             with session.begin_nested():

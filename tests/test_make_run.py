@@ -149,7 +149,7 @@ def test_make_run_serves_the_banner_token_and_ctrl_c_leaves_nothing_behind(tmp_p
         commands = " | ".join(running.values())
         # The detector sees what it must later see gone.
         for program in ("gunicorn", "celery -A worker.app worker", "celery -A worker.app beat",
-                        "celery -A worker.app flower", "redis-server", "postgres", "devenv.run"):
+                        "worker.flower", "redis-server", "postgres", "devenv.run"):
             assert program in commands, f"{program} not found among {commands}"
 
         run.interrupt()

@@ -8,11 +8,14 @@ import uuid
 
 import pytest
 from falcon import testing
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from api.app import create_app
 from models import Transaction
-from tests.conftest import bearer, isolated_broker, worker_env
+from models.db import session_scope
+from tests.support.builders import image_bytes, make_user
+from tests.support.env import isolated_broker, worker_env
+from tests.support.http import bearer, sign_up, upload_image
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
 
@@ -41,30 +44,12 @@ def client(media_settings, e2e_engine, e2e_db):
                                          queue=TaskQueue(create_celery(media_settings))))
 
 
-def png(color, size=(320, 240)) -> bytes:
-    image = Image.new("RGB", size, color)
-    ImageDraw.Draw(image).ellipse((40, 40, 200, 200), fill=(255, 255, 255))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
-def pro_user(client, make_token, e2e_db):
-    from models.billing import change_plan
-    from models.db import session_scope
-
-    headers = bearer(make_token())
-    user_id = client.simulate_post("/api/users/initialize", headers=headers).json["user"]["id"]
+def pro_user(make_token, e2e_db):
+    """The headers of a user on the pro plan."""
     with session_scope(e2e_db) as s:
-        change_plan(s, uuid.UUID(user_id), "pro")
-    return headers
-
-
-def upload(client, headers, data) -> str:
-    r = client.simulate_post("/api/uploads", headers={**headers, "Content-Type": "image/png"}, body=data)
-    assert r.status_code == 201, r.json
-    return r.json["upload"]["id"]
+        user = make_user(s, plan="pro")
+    return bearer(make_token(user.clerk_id))
 
 
 def wait_final(client, headers, task_id, timeout=120):
@@ -74,7 +59,7 @@ def wait_final(client, headers, task_id, timeout=120):
 
 class TestRealProcessorsThroughAWorker:
     def test_edit_chain_output_is_streamed_to_its_owner_only(self, client, pro_user, media_worker, make_token):
-        source = upload(client, pro_user, png((200, 30, 30)))
+        source = upload_image(client, pro_user, image_bytes("PNG", (320, 240), (200, 30, 30)))
         r = client.simulate_post("/api/tasks/create", headers=pro_user, json={
             "type": "advanced_editing", "input": source,
             "params": {"operations": [{"op": "resize", "width": 160}, {"op": "grayscale"}], "format": "webp"}})
@@ -85,12 +70,12 @@ class TestRealProcessorsThroughAWorker:
         out = client.simulate_get(task["outputUrl"], headers=pro_user)
         assert out.status_code == 200 and out.headers["Content-Type"] == "image/webp"
         assert Image.open(io.BytesIO(out.content)).size == (160, 120)
-        stranger = bearer(make_token())
-        client.simulate_post("/api/users/initialize", headers=stranger)
+        stranger, _ = sign_up(client, make_token())
         assert client.simulate_get(task["outputUrl"], headers=stranger).status_code == 404
 
     def test_video_from_two_uploads_is_an_mp4(self, client, pro_user, media_worker):
-        images = [upload(client, pro_user, png(c)) for c in ((200, 30, 30), (30, 30, 200))]
+        images = [upload_image(client, pro_user, image_bytes("PNG", (320, 240), color))
+                  for color in ((200, 30, 30), (30, 30, 200))]
         r = client.simulate_post("/api/tasks/create", headers=pro_user, json={
             "type": "video_generation", "input": images,
             "params": {"duration": 2, "fps": 10, "width": 320, "height": 240, "transition": "crossfade"}})
@@ -105,7 +90,7 @@ class TestRealProcessorsThroughAWorker:
     def test_video_cancelled_mid_encode_is_refunded_and_leaves_no_output(
         self, client, pro_user, media_worker, media_settings, e2e_db
     ):
-        images = [upload(client, pro_user, png((10, 120, 10), (1280, 720)))]
+        images = [upload_image(client, pro_user, image_bytes("PNG", (1280, 720), (10, 120, 10)))]
         before = client.simulate_get("/api/users/credits", headers=pro_user).json["credits"]
         r = client.simulate_post("/api/tasks/create", headers=pro_user, json={
             "type": "video_generation", "input": images,

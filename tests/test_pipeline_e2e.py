@@ -12,18 +12,19 @@ import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import func, select
 
 from models import AiTask, Transaction, User
-from models.billing import change_plan
-from models.credits import ledger_sum, post_entry
+from models.credits import ledger_sum
 from models.db import session_scope
 from models.tasks import FINAL_STATUSES
 from models.uploads import add_upload
-from tests.conftest import bearer, isolated_broker, worker_env
+from tests.support.builders import make_user
+from tests.support.concurrency import at_once
+from tests.support.env import isolated_broker, worker_env
+from tests.support.http import bearer
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import create_celery
@@ -50,21 +51,15 @@ def upload_for(e2e_db, e2e_settings):
 
 @pytest.fixture
 def customer(e2e_client, e2e_db, make_token, upload_for):
-    """An initialized user on a plan, with an upload to use as input; returns a helper."""
-    default_client = e2e_client
+    """A user on a plan (with `credits` in the plan bucket when given) and an upload to use
+    as input, calling the API; returns a helper."""
 
     class Customer:
         def __init__(self, plan="enterprise", credits=None, client=None):
-            e2e_client = self.client = client or default_client
-            self.headers = bearer(make_token())
-            body = e2e_client.simulate_post("/api/users/initialize", headers=self.headers).json
-            self.id = uuid.UUID(body["user"]["id"])
+            self.client = client or e2e_client
             with session_scope(e2e_db) as s:
-                if plan != "free":
-                    change_plan(s, self.id, plan)
-                if credits is not None:
-                    user = s.get(User, self.id)
-                    post_entry(s, self.id, type="admin_adjustment", plan_delta=credits - user.plan_credits)
+                user = make_user(s, plan=plan, plan_credits=credits)
+            self.id, self.headers = user.id, bearer(make_token(user.clerk_id))
             self.upload = upload_for(self.id)
 
         def submit(self, sleep=0.0, headers=None, **params):
@@ -120,8 +115,7 @@ class TestConcurrentSubmitAndCancel:
                     time.sleep(rng.random() * 0.2)
                     assert c.cancel(r.json["task"]["id"]).status_code in (200, 409)
 
-        with ThreadPoolExecutor(20) as pool:
-            list(pool.map(client_thread, range(20)))
+        at_once(20, client_thread)
         assert accepted and refused
         assert {r.status_code for r in refused} <= {402, 429}
         for r in accepted:
@@ -152,14 +146,7 @@ class TestAdmissionUnderConcurrency:
     def test_twenty_simultaneous_submissions_never_promise_more_than_the_balance(self, customer, private_broker, e2e_db):
         # Nobody consumes this broker, so every accepted task stays pending and reserved.
         c = customer(plan="enterprise", credits=10, client=private_broker[1])
-        barrier = threading.Barrier(20)
-
-        def send(i):
-            barrier.wait()
-            return c.submit(sleep=0, nonce=i).status_code
-
-        with ThreadPoolExecutor(20) as pool:
-            codes = list(pool.map(send, range(20)))
+        codes = at_once(20, lambda i: c.submit(sleep=0, nonce=i).status_code)
         assert codes.count(201) == 10 and codes.count(402) == 10
         credits = c.client.simulate_get("/api/users/credits", headers=c.headers).json
         assert credits["reserved"] == 10 and credits["available"] == 0
@@ -219,14 +206,7 @@ class TestCancelRacingCompletion:
 class TestIdempotencyUnderConcurrency:
     def test_ten_simultaneous_retries_make_one_task_and_one_reservation(self, customer, e2e_client, e2e_db):
         c = customer(plan="free")
-        barrier = threading.Barrier(10)
-
-        def send(_):
-            barrier.wait()
-            return c.submit(sleep=0, headers={"Idempotency-Key": "same-key"})
-
-        with ThreadPoolExecutor(10) as pool:
-            responses = list(pool.map(send, range(10)))
+        responses = at_once(10, lambda _: c.submit(sleep=0, headers={"Idempotency-Key": "same-key"}))
         assert sorted(r.status_code for r in responses) == [200] * 9 + [201]
         assert len({r.json["task"]["id"] for r in responses}) == 1
         credits = e2e_client.simulate_get("/api/users/credits", headers=c.headers).json

@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 import uuid
 
-import jwt
 import pytest
 from falcon import testing
 from sqlalchemy import func, select
@@ -22,7 +20,8 @@ from api.app import create_app
 from models import Transaction, User
 from models.db import session_scope
 from models.uploads import add_upload
-from tests.conftest import bearer, worker_env
+from tests.support.env import worker_env
+from tests.support.http import sign_up
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
@@ -40,7 +39,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not _rabbitmq_up(), reason="no
 
 
 @pytest.fixture
-def amqp(e2e_settings, e2e_db, e2e_engine):
+def amqp(e2e_settings, e2e_db, e2e_engine, make_token):
     settings = e2e_settings.with_(broker_url="amqp://guest:guest@127.0.0.1:5672//")
     celery = create_celery(settings)
     with celery.connection_for_write() as conn:
@@ -49,9 +48,8 @@ def amqp(e2e_settings, e2e_db, e2e_engine):
             queue.bind(conn).purge()
     client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(celery)))
-    headers = bearer(jwt.encode({"sub": f"amqp_{uuid.uuid4().hex[:6]}", "exp": time.time() + 300},
-                                settings.jwt_secret, "HS256"))
-    user_id = uuid.UUID(client.simulate_post("/api/users/initialize", headers=headers).json["user"]["id"])
+    headers, user = sign_up(client, make_token())
+    user_id = uuid.UUID(user["id"])
     key = f"uploads/{user_id}/in"
     (settings.media_root / key).parent.mkdir(parents=True, exist_ok=True)
     (settings.media_root / key).write_bytes(b"abc")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 import time
@@ -13,13 +12,14 @@ from pathlib import Path
 
 import pytest
 from falcon import testing
-from PIL import Image
 from sqlalchemy import select
 
 from api.app import create_app
 from models import Transaction
 from settings import Settings
-from tests.conftest import bearer, isolated_broker, worker_env
+from tests.support.builders import image_bytes
+from tests.support.env import isolated_broker, worker_env
+from tests.support.http import sign_up, upload_image
 from tests.support.workers import CeleryWorker, wait_for
 from worker.processors.base import (
     InputFile,
@@ -35,7 +35,7 @@ MODEL = "test-vision-1"
 
 
 def image_file(path: Path, fmt="PNG", size=(24, 16)) -> InputFile:
-    Image.new("RGB", size, (220, 20, 60)).save(path, fmt)
+    path.write_bytes(image_bytes(fmt, size, (220, 20, 60)))
     return InputFile(path, {"PNG": "image/png", "BMP": "image/bmp", "JPEG": "image/jpeg"}[fmt])
 
 
@@ -232,13 +232,8 @@ def customer(isolated_settings, e2e_engine, e2e_db, make_token, tmp_path):
     """A new free-plan user with one uploaded image; returns (client, headers, upload id)."""
     client = testing.TestClient(create_app(isolated_settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(create_celery(isolated_settings))))
-    headers = bearer(make_token())
-    assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (1, 2, 3)).save(buffer, "PNG")
-    r = client.simulate_post("/api/uploads", headers={**headers, "Content-Type": "image/png"}, body=buffer.getvalue())
-    assert r.status_code == 201, r.json
-    return client, headers, r.json["upload"]["id"]
+    headers, _ = sign_up(client, make_token())
+    return client, headers, upload_image(client, headers, image_bytes("PNG", (32, 32)))
 
 
 def run_task(client, headers, upload_id, timeout=60) -> dict:

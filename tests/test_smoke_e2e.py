@@ -3,15 +3,14 @@ import uuid
 import pytest
 
 from models.uploads import add_upload
-from tests.conftest import bearer
+from tests.support.http import sign_up
 from tests.support.workers import wait_for
 
 pytestmark = pytest.mark.e2e
 
 
 def test_task_completes_through_real_worker(e2e_client, e2e_db, e2e_worker, e2e_settings, make_token):
-    headers = bearer(make_token())
-    user = e2e_client.simulate_post("/api/users/initialize", headers=headers).json["user"]
+    headers, user = sign_up(e2e_client, make_token())
     with e2e_db() as s:
         up = add_upload(s, uuid.UUID(user["id"]), filename="a.bin", content_type="application/octet-stream",
                         size=3, sha256="0" * 64, storage_key="uploads/x")

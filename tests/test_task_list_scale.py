@@ -4,22 +4,20 @@ sort of the user's whole history, whichever page and filter."""
 from __future__ import annotations
 
 import json
-import uuid
 
 import pytest
 from sqlalchemy import text
 
 from models import AiTask
 from models.tasks import encode_cursor, list_tasks, list_tasks_query
-from models.credits import initialize_user
+from tests.support.builders import make_user
 
 N = 100_000
 
 
 @pytest.fixture
 def busy_user(session):
-    user, _ = initialize_user(session, f"busy_{uuid.uuid4().hex[:8]}")
-    other, _ = initialize_user(session, f"other_{uuid.uuid4().hex[:8]}")
+    user, other = make_user(session), make_user(session)
     for owner, n in ((user.id, N), (other.id, 5_000)):
         session.execute(text("""
             INSERT INTO ai_tasks (id, user_id, type, status, input, params, credits_used, queue, created_at)

@@ -4,41 +4,17 @@ threads race on one task."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from models import AiTask, Transaction, User
-from models.billing import change_plan
 from models.credits import ledger_sum, post_entry
 from models.db import session_scope
-from models.tasks import cancel_task, complete_task, fail_task, start_task, submit_task
-from models.credits import initialize_user
+from models.tasks import cancel_task, complete_task, fail_task, start_task
+from tests.support.builders import make_charged_task, make_task, make_user
 from tests.support.concurrency import at_once
-
-
-def new_user(session, clerk_id=None, plan="free") -> User:
-    user, _ = initialize_user(session, clerk_id or f"u_{uuid.uuid4().hex[:10]}")
-    if plan != "free":
-        change_plan(session, user.id, plan)
-    return user
-
-
-def submit(session, user, task_type="image_analysis", **params) -> AiTask:
-    task, _ = submit_task(session, user, task_type, "https://example.com/x.jpg", params)
-    return task
-
-
-def charges(session, task_id):
-    return session.scalars(select(Transaction).where(Transaction.task_id == task_id,
-                                                     Transaction.type == "credit_deduction")).all()
-
-
-def refunds(session, task_id):
-    return session.scalars(select(Transaction).where(Transaction.task_id == task_id,
-                                                     Transaction.type == "credit_refund")).all()
+from tests.support.ledger import charges, refunds
 
 
 class TestRowsInTheSession:
@@ -46,72 +22,75 @@ class TestRowsInTheSession:
     caller that needs a balance after one re-reads it."""
 
     def test_a_new_task_has_no_output_in_sql(self, session):
-        task = submit(session, new_user(session))
+        task = make_task(session, make_user(session))
         assert session.scalar(select(AiTask.output.is_(None)).where(AiTask.id == task.id))
 
     def test_rolled_back_rows_are_not_left_in_the_session(self, session):
-        user = new_user(session)
+        user = make_user(session)
         nested = session.begin_nested()
-        task = submit(session, user)
+        task = make_task(session, user)
         entry = post_entry(session, user.id, type="admin_adjustment", purchased_delta=5)
         nested.rollback()
-        assert task not in session and entry not in session
+        assert task not in session
         assert session.get(AiTask, task.id) is None and session.get(Transaction, entry.id) is None
         session.refresh(user)
         assert user.credits == ledger_sum(session, user.id) == 20
 
-    def test_start_refreshes_a_task_the_session_already_holds(self, session):
-        user = new_user(session)
-        task = submit(session, user)
+    def test_start_decides_on_the_row_not_on_a_callers_stale_copy(self, session):
+        user = make_user(session)
+        task = make_task(session, user)
         session.execute(AiTask.__table__.update().where(AiTask.id == task.id).values(status="cancelled"))
         assert task.status == "pending"  # stale, as a caller's copy can be
         assert start_task(session, task.id) is None
-        assert task.status == "cancelled" and charges(session, task.id) == []
+        assert charges(session, task.id) == []
+        session.refresh(task)  # callers re-read what they hold
+        assert task.status == "cancelled"
 
 
 class TestChargeTask:
     def test_start_charges_once_and_moves_to_processing(self, session):
-        user = new_user(session)
-        task = submit(session, user)
+        user = make_user(session)
+        task = make_task(session, user)
         work = start_task(session, task.id)
         assert work is not None and work.attempt == 1
+        session.refresh(task), session.refresh(user)  # operations write rows; callers re-read
         assert task.status == "processing" and len(charges(session, task.id)) == 1
         assert user.credits == 19 and ledger_sum(session, user.id) == 19
 
     def test_duplicate_delivery_charges_once(self, session):
-        task = submit(session, new_user(session))
+        task = make_task(session, make_user(session))
         assert start_task(session, task.id) is not None
         assert start_task(session, task.id) is None  # no lease: a live runner has it
         assert len(charges(session, task.id)) == 1
 
     def test_resume_after_a_dead_runner_does_not_charge_again(self, session):
-        task = submit(session, new_user(session))
-        start_task(session, task.id)
+        task = make_charged_task(session, make_user(session))
         work = start_task(session, task.id, may_resume=True)
         assert work is not None and work.attempt == 2
         assert len(charges(session, task.id)) == 1
 
     def test_no_credits_fails_the_task_and_charges_nothing(self, session):
-        user = new_user(session)
-        task = submit(session, user)
+        user = make_user(session)
+        task = make_task(session, user)
         post_entry(session, user.id, type="admin_adjustment", plan_delta=-user.plan_credits)
         assert start_task(session, task.id) is None
+        session.refresh(task)
         assert task.status == "failed" and task.error_code == "insufficient_credits"
         assert charges(session, task.id) == []
 
     def test_plan_bucket_is_spent_before_purchased(self, session):
-        user = new_user(session)
+        user = make_user(session)
         post_entry(session, user.id, type="credit_purchase", purchased_delta=10, stripe_event_id="evt_x")
         post_entry(session, user.id, type="admin_adjustment", plan_delta=-(user.plan_credits - 1))
-        task = submit(session, user, "advanced_editing")  # costs 2: 1 from plan, 1 purchased
+        task = make_task(session, user, "advanced_editing")  # costs 2: 1 from plan, 1 purchased
         start_task(session, task.id)
         (charge,) = charges(session, task.id)
         assert (charge.plan_delta, charge.purchased_delta, charge.bucket) == (-1, -1, "both")
+        session.refresh(user)
         assert (user.plan_credits, user.purchased_credits) == (0, 9)
 
     def test_a_stale_message_for_a_final_task_is_dropped(self, session):
-        task = submit(session, new_user(session))
-        start_task(session, task.id)
+        task = make_charged_task(session, make_user(session))
         complete_task(session, task.id, {"ok": True})
         assert start_task(session, task.id, may_resume=True) is None
         assert len(charges(session, task.id)) == 1
@@ -119,9 +98,8 @@ class TestChargeTask:
 
 class TestRefundTask:
     def test_failure_refunds_exactly_the_charge_into_its_buckets(self, session):
-        user = new_user(session)
-        task = submit(session, user)
-        start_task(session, task.id)
+        user = make_user(session)
+        task = make_charged_task(session, user)
         assert fail_task(session, task.id, "boom")
         (charge,), (refund,) = charges(session, task.id), refunds(session, task.id)
         assert refund.amount == -charge.amount and refund.refund_of_id == charge.id
@@ -129,21 +107,19 @@ class TestRefundTask:
         assert user.credits == 20 == ledger_sum(session, user.id)
 
     def test_failing_twice_refunds_once(self, session):
-        task = submit(session, new_user(session))
-        start_task(session, task.id)
+        task = make_charged_task(session, make_user(session))
         assert fail_task(session, task.id, "boom") is True
         assert fail_task(session, task.id, "boom") is False
         assert len(refunds(session, task.id)) == 1
 
     def test_failing_a_pending_task_refunds_nothing(self, session):
-        task = submit(session, new_user(session))
+        task = make_task(session, make_user(session))
         assert fail_task(session, task.id, "lost")
         assert refunds(session, task.id) == []
 
     def test_completion_after_cancel_is_dropped(self, session):
-        user = new_user(session)
-        task = submit(session, user)
-        start_task(session, task.id)
+        user = make_user(session)
+        task = make_charged_task(session, user)
         cancel_task(session, user, task.id)
         assert complete_task(session, task.id, {"late": True}) is False
         assert task.status == "cancelled" and task.output is None
@@ -153,8 +129,7 @@ class TestDatabaseRefusesDoubleMoney:
     """The constraints themselves, bypassing the operations."""
 
     def _charged(self, session):
-        task = submit(session, new_user(session))
-        start_task(session, task.id)
+        task = make_charged_task(session, make_user(session))
         return task, charges(session, task.id)[0]
 
     def test_a_second_charge_row_is_refused(self, session):
@@ -177,7 +152,7 @@ class TestDatabaseRefusesDoubleMoney:
             session.flush()
 
     def test_a_refund_without_a_charge_is_refused(self, session):
-        task = submit(session, new_user(session))
+        task = make_task(session, make_user(session))
         with pytest.raises(IntegrityError), session.begin_nested():
             session.add(Transaction(user_id=task.user_id, amount=1, plan_delta=1, purchased_delta=0, bucket="plan",
                                     balance_after=21, type="credit_refund", task_id=task.id,
@@ -191,8 +166,8 @@ class TestConcurrentTransitions:
     @pytest.fixture
     def charged_task(self, e2e_db):
         with session_scope(e2e_db) as s:
-            user = new_user(s, plan="pro")
-            task = submit(s, user)
+            user = make_user(s, plan="pro")
+            task = make_task(s, user)
         return user.id, task.id
 
     def test_twenty_concurrent_starts_charge_once(self, e2e_db, charged_task):
@@ -229,12 +204,11 @@ class TestConcurrentTransitions:
 
     def test_cancel_racing_completion_exactly_one_wins(self, e2e_db):
         with session_scope(e2e_db) as s:
-            user = new_user(s, plan="enterprise")
+            user = make_user(s, plan="enterprise")
         outcomes = set()
         for _ in range(40):
             with session_scope(e2e_db) as s:
-                task = submit(s, s.get(User, user.id))
-                start_task(s, task.id)
+                task = make_charged_task(s, s.get(User, user.id))
 
             def act(i, task_id=task.id):
                 with session_scope(e2e_db) as s:

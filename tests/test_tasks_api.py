@@ -11,7 +11,9 @@ from models import AiTask, Transaction, User
 from models.billing import change_plan
 from models.credits import post_entry
 from models.tasks import start_task
-from tests.conftest import bearer
+from tests.support.builders import make_task_row
+from tests.support.http import bearer, sign_up
+from tests.support.ledger import refunds
 
 IMAGE = {"type": "image_analysis", "input": "https://example.com/cat.jpg"}
 
@@ -92,7 +94,7 @@ class TestBodiesPostgreSQLCannotStore:
         ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"k": "\\ud800"}}', "invalid_input"),
         ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"q": NaN}}', "invalid_json"),
         ('{"type": "image_analysis", "input": "https://x.test/a.png", "params": {"q": -Infinity}}', "invalid_json"),
-        ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+        ("[" * 100_000 + "]" * 100_000, "json_too_deep"),
     ])
     def test_refused_with_400_not_500(self, client, user_headers, body, code):
         r = client.simulate_post("/api/tasks/create", headers={**user_headers, "Content-Type": "application/json"},
@@ -121,8 +123,7 @@ class TestIdempotencyKey:
         assert r.status_code == 409 and r.json["code"] == "idempotency_key_reused"
 
     def test_keys_are_per_user(self, client, user_headers, make_token):
-        other = bearer(make_token())
-        client.simulate_post("/api/users/initialize", headers=other)
+        other, _ = sign_up(client, make_token())
         a = create(client, {**user_headers, "Idempotency-Key": "shared"})
         b = create(client, {**other, "Idempotency-Key": "shared"})
         assert a.status_code == b.status_code == 201 and a.json["task"]["id"] != b.json["task"]["id"]
@@ -131,8 +132,7 @@ class TestIdempotencyKey:
 class TestReadTasks:
     def test_another_users_task_is_404_not_403(self, client, user_headers, make_token):
         tid = create(client, user_headers).json["task"]["id"]
-        other = bearer(make_token())
-        client.simulate_post("/api/users/initialize", headers=other)
+        other, _ = sign_up(client, make_token())
         for call in (client.simulate_get(f"/api/tasks/{tid}", headers=other),
                      client.simulate_patch(f"/api/tasks/{tid}/cancel", headers=other)):
             assert call.status_code == 404 and call.json["code"] == "task_not_found"
@@ -143,10 +143,8 @@ class TestReadTasks:
 
     def test_list_pages_newest_first_with_filters(self, client, user_headers, me, session):
         for i in range(7):
-            session.add(AiTask(user_id=me.id, type="image_analysis" if i % 2 else "advanced_editing",
-                               status="completed" if i < 5 else "failed", input=f"in-{i}", params={},
-                               credits_used=1, queue="q"))
-            session.flush()
+            make_task_row(session, me.id, task_type="image_analysis" if i % 2 else "advanced_editing",
+                          status="completed" if i < 5 else "failed", input=f"in-{i}")
         session.commit()
         seen, cursor = [], None
         while True:
@@ -205,9 +203,7 @@ class TestCancel:
         client.simulate_patch(f"/api/tasks/{tid}/cancel", headers=user_headers)
         r = client.simulate_patch(f"/api/tasks/{tid}/cancel", headers=user_headers)
         assert r.status_code == 409 and r.json["code"] == "task_already_final"
-        refunds = session.scalars(select(Transaction).where(Transaction.type == "credit_refund",
-                                                            Transaction.task_id == tid)).all()
-        assert len(refunds) == 1
+        assert len(refunds(session, tid)) == 1
 
 
 class TestAdminStatus:

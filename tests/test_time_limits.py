@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import uuid
 
 import pytest
 from falcon import testing
-from PIL import Image
 from sqlalchemy import select
 
 from api.app import create_app
 from settings import ConfigError, TimeLimit, default_time_limits, time_limits_from_env
 from models import Transaction
-from tests.conftest import bearer, isolated_broker, worker_env
+from tests.support.builders import image_bytes
+from tests.support.env import isolated_broker, worker_env
+from tests.support.http import sign_up, upload_image
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
 
@@ -71,13 +71,8 @@ def limited_worker(isolated_settings, tmp_path_factory):
 def customer(isolated_settings, e2e_engine, e2e_db, make_token):
     client = testing.TestClient(create_app(isolated_settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(create_celery(isolated_settings))))
-    headers = bearer(make_token())
-    assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "PNG")
-    upload = client.simulate_post("/api/uploads", headers={**headers, "Content-Type": "image/png"},
-                                  body=buffer.getvalue()).json["upload"]
-    return client, headers, upload["id"]
+    headers, _ = sign_up(client, make_token())
+    return client, headers, upload_image(client, headers, image_bytes("PNG"))
 
 
 def run_task(customer, params: dict, timeout: float = 60) -> dict:

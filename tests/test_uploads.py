@@ -13,15 +13,11 @@ from PIL import Image
 from api.app import create_app
 from models.errors import InvalidInput, UploadNotFound
 from models.uploads import check_inputs_owned
-from tests.conftest import bearer, isolated_broker, worker_env
+from tests.support.builders import image_bytes, make_task_row
+from tests.support.env import isolated_broker, worker_env
+from tests.support.http import sign_up
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
-
-
-def image_bytes(fmt: str = "PNG", size=(32, 24), mode: str = "RGB") -> bytes:
-    buffer = io.BytesIO()
-    Image.new(mode, size, (10, 120, 200) if mode == "RGB" else 0).save(buffer, fmt)
-    return buffer.getvalue()
 
 
 def multipart(fields: dict[str, tuple[str | None, bytes, str] | str]) -> tuple[bytes, str]:
@@ -161,7 +157,7 @@ class TestLimits:
     def test_decompression_bombs_are_refused(self, client, user_headers, size):
         # Tiny files (a flat 1-bit image compresses to almost nothing) that would decode to
         # 72 and 200 megapixels: over our default limit, and over Pillow's own bomb limit.
-        bomb = image_bytes("PNG", size, mode="1")
+        bomb = image_bytes("PNG", size, 0, mode="1")
         assert len(bomb) < 1_000_000
         r = post_raw(client, user_headers, bomb)
         assert r.status_code == 400 and r.json["code"] == "image_too_large", r.json
@@ -170,8 +166,7 @@ class TestLimits:
 class TestOwnership:
     def test_another_users_upload_is_404(self, client, user_headers, make_token):
         upload_id = post_raw(client, user_headers, image_bytes()).json["upload"]["id"]
-        other = bearer(make_token())
-        assert client.simulate_post("/api/users/initialize", headers=other).status_code == 201
+        other, _ = sign_up(client, make_token())
         r = client.simulate_get(f"/api/uploads/{upload_id}", headers=other)
         assert r.status_code == 404 and r.json["code"] == "upload_not_found"
         assert client.simulate_get("/api/uploads/not-a-uuid", headers=other).status_code == 404
@@ -179,8 +174,7 @@ class TestOwnership:
     def test_check_inputs_owned(self, client, user_headers, make_token, session):
         upload_id = post_raw(client, user_headers, image_bytes()).json["upload"]["id"]
         owner = uuid.UUID(client.simulate_get("/api/users/me", headers=user_headers).json["user"]["id"])
-        other = bearer(make_token())
-        stranger = uuid.UUID(client.simulate_post("/api/users/initialize", headers=other).json["user"]["id"])
+        stranger = uuid.UUID(sign_up(client, make_token())[1]["id"])
 
         check_inputs_owned(session, owner, "image_analysis", upload_id)
         check_inputs_owned(session, owner, "image_analysis", {"uploadId": upload_id})
@@ -227,8 +221,8 @@ def isolated_client(isolated_settings, e2e_engine, e2e_db):
 @pytest.mark.e2e
 class TestUploadAsTaskInput:
     def test_owner_runs_image_analysis_on_an_upload(self, isolated_client, real_worker, make_token):
-        client, headers = isolated_client, bearer(make_token())
-        assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+        client = isolated_client
+        headers, _ = sign_up(client, make_token())
         upload = post_file(client, headers, image_bytes("PNG", (48, 32))).json["upload"]
         r = client.simulate_post("/api/tasks/create", headers=headers,
                                  json={"type": "image_analysis", "input": upload["id"]})
@@ -241,9 +235,7 @@ class TestUploadAsTaskInput:
 
     def test_another_users_upload_is_refused_at_submission(self, isolated_client, make_token):
         client = isolated_client
-        owner, thief = bearer(make_token()), bearer(make_token())
-        for headers in (owner, thief):
-            assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+        (owner, _), (thief, _) = sign_up(client, make_token()), sign_up(client, make_token())
         upload = post_raw(client, owner, image_bytes()).json["upload"]
         r = client.simulate_post("/api/tasks/create", headers=thief,
                                  json={"type": "image_analysis", "input": upload["id"]})
@@ -254,22 +246,15 @@ class TestUploadAsTaskInput:
     ):
         """Belt and braces: a task that names someone else's upload (admitted before the
         API check existed, or re-queued by an operator) fails in the worker and refunds."""
-        import uuid as uuid_lib
-
-        from models import AiTask
         from models.db import session_scope
 
         client = isolated_client
-        owner, thief = bearer(make_token()), bearer(make_token())
-        for headers in (owner, thief):
-            assert client.simulate_post("/api/users/initialize", headers=headers).status_code == 201
+        (owner, _), (thief, _) = sign_up(client, make_token()), sign_up(client, make_token())
         upload = post_raw(client, owner, image_bytes()).json["upload"]
-        thief_id = uuid_lib.UUID(client.simulate_get("/api/users/me", headers=thief).json["user"]["id"])
+        thief_id = uuid.UUID(client.simulate_get("/api/users/me", headers=thief).json["user"]["id"])
         with session_scope(e2e_db) as s:
             # submit_task refuses it now, so the row is written as older rules admitted it.
-            task = AiTask(user_id=thief_id, type="image_analysis", status="pending", input=upload["id"], params={},
-                          credits_used=1, queue="image_analysis")
-            s.add(task)
+            task = make_task_row(s, thief_id, status="pending", credits=1, input=upload["id"])
         TaskQueue(create_celery(isolated_settings)).send("image_analysis", task.id)
         task_json = wait_for(lambda: (t := client.simulate_get(f"/api/tasks/{task.id}", headers=thief).json["task"])
                              ["status"] in ("completed", "failed") and t, timeout=60, message="task final")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -11,11 +10,13 @@ from falcon import testing
 from sqlalchemy import func, select
 
 from api.app import create_app
-from models import AiTask, Plan, Transaction, User
+from models import Plan, Transaction, User
 from models.credits import post_entry
 from models.db import create_engine
 from tasktypes import TASK_TYPES
-from tests.conftest import bearer
+from tests.support.builders import make_task_row
+from tests.support.concurrency import at_once
+from tests.support.http import bearer, sign_up
 from worker.queue import TaskQueue, create_celery
 
 ERROR_KEYS = {"error", "statusCode", "code"}
@@ -25,25 +26,10 @@ def parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def initialize(client, make_token, sub: str | None = None, **body) -> tuple[dict, dict]:
-    headers = bearer(make_token(sub))
-    result = client.simulate_post("/api/users/initialize", headers=headers, json=body or None)
-    assert result.status_code == 201, result.text
-    return headers, result.json["user"]
-
-
-def add_task(session, user_id, status: str, credits: int, task_type: str = "image_analysis") -> AiTask:
-    task = AiTask(user_id=user_id, type=task_type, status=status, input="https://example.com/a.png",
-                  params={}, credits_used=credits, queue=task_type)
-    session.add(task)
-    session.flush()
-    return task
-
-
 class TestMe:
     def test_me_returns_the_callers_profile_in_camel_case(self, client, make_token):
         sub = f"user_{uuid.uuid4().hex[:8]}"
-        headers, _ = initialize(client, make_token, sub, email="ada@example.com", name="Ada")
+        headers, _ = sign_up(client, make_token(sub), email="ada@example.com", name="Ada")
         result = client.simulate_get("/api/users/me", headers=headers)
         assert result.status_code == 200
         user = result.json["user"]
@@ -61,13 +47,13 @@ class TestMe:
 
 class TestCredits:
     def test_credits_show_buckets_reservations_and_next_reset(self, client, make_token, session):
-        headers, user = initialize(client, make_token)
+        headers, user = sign_up(client, make_token())
         user_id = uuid.UUID(user["id"])
         post_entry(session, user_id, type="credit_purchase", purchased_delta=7, stripe_event_id=f"evt_{uuid.uuid4().hex}")
-        add_task(session, user_id, "pending", 3)
-        add_task(session, user_id, "pending", 2, "advanced_editing")
-        add_task(session, user_id, "processing", 4)  # charged already; not a reservation
-        add_task(session, user_id, "completed", 1)
+        make_task_row(session, user_id, status="pending", credits=3)
+        make_task_row(session, user_id, status="pending", credits=2, task_type="advanced_editing")
+        make_task_row(session, user_id, status="processing", credits=4)  # charged already; not a reservation
+        make_task_row(session, user_id, status="completed", credits=1)
         session.commit()
 
         result = client.simulate_get("/api/users/credits", headers=headers)
@@ -84,10 +70,10 @@ class TestCredits:
         assert now + timedelta(days=27) < next_reset < now + timedelta(days=32)
 
     def test_available_never_goes_below_zero(self, client, make_token, session):
-        headers, user = initialize(client, make_token)
+        headers, user = sign_up(client, make_token())
         user_id = uuid.UUID(user["id"])
         post_entry(session, user_id, type="admin_adjustment", plan_delta=-user["planCredits"] + 1)
-        add_task(session, user_id, "pending", 3)
+        make_task_row(session, user_id, status="pending", credits=3)
         session.commit()
         body = client.simulate_get("/api/users/credits", headers=headers).json
         assert body["credits"] == 1 and body["reserved"] == 3 and body["available"] == 0
@@ -99,7 +85,7 @@ class TestTransactions:
     @pytest.fixture
     def ledger(self, client, make_token, session):
         """A user with the signup grant and 30 more ledger rows; their ids newest first."""
-        headers, user = initialize(client, make_token)
+        headers, user = sign_up(client, make_token())
         user_id = uuid.UUID(user["id"])
         for n in range(self.ROWS):
             if n % 3 == 2:
@@ -151,7 +137,7 @@ class TestTransactions:
 
     def test_another_users_ledger_is_not_listed(self, client, make_token, ledger):
         _, _, ids = ledger
-        other_headers, _ = initialize(client, make_token)
+        other_headers, _ = sign_up(client, make_token())
         rows = client.simulate_get("/api/users/transactions", headers=other_headers,
                                    params={"limit": 100, "cursor": str(2**63 - 1)}).json["transactions"]
         assert len(rows) == 1 and rows[0]["type"] == "signup_grant"
@@ -174,7 +160,7 @@ class TestTransactions:
 
 class TestInitialize:
     def test_initialize_creates_a_free_user_with_the_signup_grant(self, client, make_token, session):
-        headers, user = initialize(client, make_token)
+        headers, user = sign_up(client, make_token())
         free = session.get(Plan, "free")
         assert user["planId"] == "free"
         assert user["credits"] == user["planCredits"] == free.monthly_credits
@@ -182,7 +168,7 @@ class TestInitialize:
         assert [(r.type, r.amount, r.balance_after) for r in rows] == [("signup_grant", free.monthly_credits, free.monthly_credits)]
 
     def test_second_initialize_returns_the_same_user_without_a_second_grant(self, client, make_token, session):
-        headers, user = initialize(client, make_token)
+        headers, user = sign_up(client, make_token())
         again = client.simulate_post("/api/users/initialize", headers=headers)
         assert again.status_code == 200
         assert again.json["created"] is False
@@ -200,18 +186,7 @@ class TestInitialize:
     def test_twenty_concurrent_initializations_create_one_user_and_one_grant(self, e2e_client, e2e_db, make_token):
         sub = f"user_{uuid.uuid4().hex[:12]}"
         headers = bearer(make_token(sub))
-        barrier = threading.Barrier(20)
-        results: list = [None] * 20
-
-        def call(i: int) -> None:
-            barrier.wait()
-            results[i] = e2e_client.simulate_post("/api/users/initialize", headers=headers)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        results = at_once(20, lambda _: e2e_client.simulate_post("/api/users/initialize", headers=headers))
         statuses = sorted(r.status_code for r in results)
         assert statuses == [200] * 19 + [201], [r.text for r in results if r.status_code >= 400]
         assert len({r.json["user"]["id"] for r in results}) == 1

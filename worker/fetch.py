@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
+from tasktypes.addresses import METADATA_HOSTS, is_metadata_address, is_public_address
 from tasktypes.formats import sniff_content_type
 
 from .processors.base import PermanentError, TransientError
@@ -42,23 +43,6 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK = 1 << 16
 USER_AGENT = "StudioX-Fetcher/1.0"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# Instance metadata services hand out cloud credentials; no configuration unlocks them.
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean…
-    "169.254.170.2",    # AWS ECS task metadata
-    "169.254.170.23",   # AWS EKS pod identity
-    "fd00:ec2::254",    # AWS IMDS over IPv6
-    "fd00:ec2::23",     # AWS EKS pod identity over IPv6
-    "100.100.100.200",  # Alibaba Cloud
-    "168.63.129.16",    # Azure wire server (a public address)
-    "192.0.0.192",      # Oracle Cloud
-))
-METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
-                            "instance-data.ec2.internal"})
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
 
 def _not_allowed(message: str) -> PermanentError:
     return PermanentError(message, code="url_not_allowed")
@@ -66,31 +50,6 @@ def _not_allowed(message: str) -> PermanentError:
 
 def _failed(message: str) -> TransientError:
     return TransientError(message, code="fetch_failed")
-
-
-def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address carries (and routes to) inside itself."""
-    if ip.version != 6:
-        return []
-    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
-    if ip.teredo is not None:
-        found.extend(ip.teredo)
-    if ip in NAT64 or int(ip) >> 32 == 0:  # NAT64 well-known prefix, and deprecated ::a.b.c.d
-        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return found
-
-
-def is_metadata_address(ip: IPAddress) -> bool:
-    return any(a in METADATA_ADDRESSES for a in (ip, *_embedded_ipv4(ip)))
-
-
-def is_public_address(ip: IPAddress) -> bool:
-    """Globally routable unicast, and so is every IPv4 address it embeds."""
-    for a in (ip, *_embedded_ipv4(ip)):
-        if (not a.is_global or a.is_private or a.is_loopback or a.is_link_local or a.is_multicast
-                or a.is_reserved or a.is_unspecified):
-            return False
-    return True
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ row locks and unique keys in `models/` decide, not the schedule."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 
 from models.credits import reset_plan_credits, users_due_for_reset
@@ -21,41 +22,69 @@ from .app import app
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class JobReport:
+    """What a beat job did: rows it acted on, and rows it skipped because they failed."""
+
+    done: int = 0
+    skipped: int = 0
+
+    def run(self, job: str, row_id, step) -> None:
+        """One row in its own transaction: a row that fails is logged, counted and skipped,
+        and the rest of the batch proceeds."""
+        try:
+            self.done += bool(step())
+        except Exception:
+            self.skipped += 1
+            log.exception("%s: skipped %s, which failed", job, row_id)
+
+    def result(self, job: str) -> dict[str, int]:
+        if self.skipped:
+            log.warning("%s: %d done, %d skipped", job, self.done, self.skipped)
+        return {"done": self.done, "skipped": self.skipped}
+
+
 @app.task(name="maintenance.reset_monthly_credits", ignore_result=True)
-def reset_monthly_credits() -> int:
-    """Reset every user whose period ended; one transaction per user so one bad row
-    cannot hold back the rest."""
-    done = 0
+def reset_monthly_credits() -> dict[str, int]:
+    """Reset every user whose period ended, one transaction per user."""
+    report = JobReport()
     with session_scope(runtime.sessions()) as session:
         due = users_due_for_reset(session)
     for user_id in due:
-        with session_scope(runtime.sessions()) as session:
-            done += reset_plan_credits(session, user_id)
-    return done
+        def reset(user_id=user_id):
+            with session_scope(runtime.sessions()) as session:
+                return reset_plan_credits(session, user_id)
+
+        report.run("reset", user_id, reset)
+    return report.result("reset")
 
 
 @app.task(name="maintenance.sweep_lost_messages", ignore_result=True)
 def sweep_lost_messages() -> int:
-    """Re-send pending tasks whose message never got picked up (after this job commits)."""
+    """Re-send pending tasks whose message never got picked up (after this job commits).
+    It reads ids and types only, so no stored request, however odd, can stop it."""
     age = timedelta(seconds=runtime.settings().lost_message_after_seconds)
     with session_scope(runtime.sessions()) as session:
         return requeue_lost_tasks(session, age)
 
 
 @app.task(name="maintenance.reap_stuck_tasks", ignore_result=True)
-def reap_stuck_tasks() -> int:
+def reap_stuck_tasks() -> dict[str, int]:
     """Fail and refund tasks stuck in `processing` past their hard time limit, but only
     when no live runner holds their lease."""
     margin = runtime.settings().stuck_margin_seconds
     limits = {name: timedelta(seconds=limit.hard + margin) for name, limit in runtime.settings().time_limits.items()}
-    reaped = 0
+    report = JobReport()
     with session_scope(runtime.sessions()) as session:
         candidates = stuck_processing_tasks(session, limits)
     for task_id in candidates:
-        # Fail it while holding its lease, so a redelivery cannot start it in between.
-        with task_lease(runtime.engine(), task_id) as lease:
-            if lease is None:
-                continue  # a live runner holds it
-            with lease.session() as session:
-                reaped += fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
-    return reaped
+        def reap(task_id=task_id):
+            # Fail it while holding its lease, so a redelivery cannot start it in between.
+            with task_lease(runtime.engine(), task_id) as lease:
+                if lease is None:
+                    return False  # a live runner holds it
+                with lease.session() as session:
+                    return fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
+
+        report.run("reap", task_id, reap)
+    return report.result("reap")

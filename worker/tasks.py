@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError
 
 from models.db import session_scope
 from models.errors import DomainError
@@ -110,8 +111,18 @@ def run_ai_task(celery_task, task_id: str) -> str:
             log.info("task %s is running elsewhere; duplicate message dropped", tid)
             return "duplicate"
         # The task's statements run on the lease's connection: one checkout per task.
-        with lease.session() as session:
-            work = start_task(session, tid, may_resume=True)
+        try:
+            with lease.session() as session:
+                work = start_task(session, tid, may_resume=True)
+        except DBAPIError:
+            # The database, not the task: the task stays pending and the sweep re-sends it.
+            raise
+        except Exception:
+            # A stored request this worker cannot read: acking it silently would leave the
+            # task pending for ever, holding a slot and a reservation.
+            log.exception("task %s cannot be started", tid)
+            _fail(tid, "The task's request cannot be read", "unprocessable_task")
+            return "failed"
         if work is None:
             return "stale"
         try:

@@ -1,0 +1,42 @@
+"""Settings and environments for code that runs outside the test process: worker
+processes and the brokers they consume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import redis
+
+from settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def redis_db(url: str, db: int) -> str:
+    """The same Redis server URL, on database number `db`."""
+    return url.rsplit("/", 1)[0] + f"/{db}" if url.count("/") >= 3 else f"{url}/{db}"
+
+
+def isolated_broker(settings: Settings, db: int) -> Settings:
+    """The same settings on an emptied Redis database that no other test's worker consumes
+    (each test module that starts its own worker takes its own number)."""
+    isolated = settings.with_(broker_url=redis_db(settings.broker_url, db))
+    redis.Redis.from_url(isolated.broker_url).flushdb()
+    return isolated
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a worker process configured with `settings`, plus `extra` variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "BROKER_URL"))}
+    env.update(
+        APP_ENV="test",
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.broker_url,
+        JWT_SECRET=settings.jwt_secret,
+        MEDIA_ROOT=str(settings.media_root),
+        STUDIOX_DOTENV="/nonexistent",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
