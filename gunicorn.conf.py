@@ -21,7 +21,10 @@ worker_connections = int(os.environ.get("WEB_CONNECTIONS", "1000"))
 timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
 # On SIGTERM, in-flight requests get this long to finish before workers are killed.
 graceful_timeout = 10
-keepalive = 5
+# With async workers this is also the most a client may take to send a request's line and
+# headers (gunicorn reads them under a gevent.Timeout of `keepalive` seconds), so a client
+# that trickles its headers is disconnected after it; an idle kept-alive connection too.
+keepalive = int(os.environ.get("WEB_KEEPALIVE", "5"))
 
 accesslog = "-"
 errorlog = "-"

@@ -216,12 +216,14 @@ def run_ours(env: Env, base_url: str, users: list[BenchUser], args, n: int) -> d
 
 
 def admit_tasks(env: Env, users: list[BenchUser], task_type: str, n: int) -> list[uuid.UUID]:
-    """N pending task rows, admitted by models.submit_task as the API would, not enqueued."""
+    """N pending task rows, admitted by models.submit_task as the API would, not enqueued:
+    the outbox's messages are collected here (the ids), and sent from one producer once the
+    clock runs (run_ours_drain)."""
     from models.db import make_session_factory, session_scope
     from models.tasks import submit_task
     from models.users import lock_user
 
-    sessions = make_session_factory(env.engine)
+    sessions = make_session_factory(env.engine, send_task=lambda task_type, task_id: None)
     ids: list[uuid.UUID] = []
     for i in range(n):
         user = users[i % len(users)]

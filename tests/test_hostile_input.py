@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select as io_select
 import shutil
 import socket
 import tempfile
@@ -97,6 +98,24 @@ class TestSlowClients:
             stop.set()
             for client in clients:
                 client.join(5)
+
+
+    def test_a_client_that_trickles_its_headers_is_cut_off(self, server):
+        # gunicorn reads a request's line and headers under WEB_KEEPALIVE (5 s by default).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"GET /api/users/me HTTP/1.1\r\n")
+            closed = False
+            for _ in range(20):  # one header line a second, for at most 20 s
+                readable, _, _ = io_select.select([sock], [], [], 1.0)
+                if readable:
+                    closed = sock.recv(1024) == b""  # the server hung up
+                    break
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")
+                except OSError:  # reset: hung up too
+                    closed = True
+                    break
+            assert closed, "the server kept a client that never finished its headers"
 
 
 class TestFramingOnTheRealServer:
