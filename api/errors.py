@@ -61,9 +61,27 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainE
     _write(resp, exc.status_code, body)
 
 
+# SQLSTATEs that mean "the server is going away or full", besides connection errors (08xxx).
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300"}
+
+
+def database_unreachable(exc: DBAPIError) -> bool:
+    """The database cannot be reached or dropped the connection: worth a retry. Other
+    OperationalErrors (a statement timeout, a program limit, disk full) are not."""
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        return isinstance(exc, OperationalError)  # no server answer at all: connect failed
+    return sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_STATES
+
+
 def handle_database_unavailable(req: falcon.Request, resp: falcon.Response, exc: DBAPIError, params) -> None:
-    """The database cannot be reached (or dropped the connection): a 503 the client may retry,
-    not a 500. Statement errors (a bug, a constraint) are not this and stay 500."""
+    """A 503 the client may retry when the database is out of reach; any other database error
+    is a bug or a limit, answered (and logged) as the 500 it is."""
+    if not database_unreachable(exc):
+        handle_unexpected(req, resp, exc, params)
+        return
     log.warning("database unavailable on %s %s: %s", req.method, req.path, exc.orig or exc)
     resp.set_header("Retry-After", "5")
     _write(resp, 503, error_body(503, "The database is unavailable; try again shortly", "database_unavailable"))

@@ -103,7 +103,9 @@ class BodyLimitMiddleware:
         self.default_limit = default_limit
 
     def process_resource(self, req: falcon.Request, resp, resource, params) -> None:
-        if resource is None:
+        # No resource (404), no responder for the method (405) or a CORS preflight: the
+        # answer needs no body, so none is read, however it is framed.
+        if resource is None or req.method == "OPTIONS" or not hasattr(resource, f"on_{req.method.lower()}"):
             return
         limit = getattr(resource, "max_body_bytes", None) or self.default_limit
         length = req.content_length

@@ -231,6 +231,7 @@ def initialize_user(
         return get_user(session, clerk_id), False
     user = lock_user(session, user_id)
     grant_signup_credits(session, user)
+    session.flush()
     session.refresh(user)  # the grant moved its buckets
     return user, True
 

@@ -63,7 +63,10 @@ def enqueue_after_commit(session: Session, task_type: str, task_id: uuid.UUID) -
     lost-message sweep all come through here. A message must name a committed row: sent
     earlier, a worker could load a row that is later rolled back, or not find it yet.
     """
-    session.info.setdefault(_OUTBOX, []).append((task_type, task_id))
+    # Each message remembers the (innermost) transaction that queued it, so rolling back a
+    # savepoint drops what was queued inside it.
+    innermost = session.get_nested_transaction() or session.get_transaction()
+    session.info.setdefault(_OUTBOX, []).append((innermost, task_type, task_id))
 
 
 @event.listens_for(Session, "after_commit")
@@ -78,7 +81,7 @@ def _flush_outbox(session: Session) -> None:
     if send is None:
         log.warning("%d task message(s) committed with no sender; the sweep will send them", len(outbox))
         return
-    for task_type, task_id in outbox:
+    for _, task_type, task_id in outbox:
         try:
             send(task_type, task_id)
         except Exception:  # the row is committed; the sweep re-sends lost messages
@@ -89,3 +92,15 @@ def _flush_outbox(session: Session) -> None:
 def _drop_outbox(session: Session, previous_transaction) -> None:
     if previous_transaction.parent is None:
         session.info.pop(_OUTBOX, None)
+        return
+    outbox = session.info.get(_OUTBOX)
+    if outbox:
+        outbox[:] = [entry for entry in outbox if not _within(entry[0], previous_transaction)]
+
+
+def _within(transaction, ancestor) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
 
 from .db import make_session_factory, session_scope
 
@@ -40,8 +41,29 @@ class Lease:
         self.conn = conn
         self._sessions = make_session_factory(conn)
 
-    def session(self):
-        return session_scope(self._sessions)
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction on the lease's connection, committed when the block ends."""
+        try:
+            with session_scope(self._sessions) as session:
+                yield session
+        except BaseException:
+            # Interrupted mid-statement (a soft time limit), the rollback may not have reached
+            # the server, which then still holds the transaction and its row locks: end the
+            # connection's server session so that failing the task elsewhere cannot wait on
+            # them (it also ends the lease, which the worker gives up next anyway).
+            if not self.conn.invalidated and not _idle(self.conn):
+                self.conn.invalidate()
+            raise
+
+
+def _idle(conn: Connection) -> bool:
+    from psycopg.pq import TransactionStatus
+
+    try:
+        return conn.connection.dbapi_connection.info.transaction_status == TransactionStatus.IDLE
+    except Exception:  # the connection is already unusable
+        return False
 
 
 @contextmanager
@@ -63,9 +85,11 @@ def task_lease(engine: Engine, task_id: uuid.UUID, wait_seconds: float = 0.0) ->
             yield Lease(conn)
         finally:
             try:
-                conn.rollback()
-                conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
-                conn.commit()
+                # An invalidated connection's server session is gone, and the lease with it.
+                if not conn.invalidated:
+                    conn.rollback()
+                    conn.execute(text(f"SELECT pg_advisory_unlock({_KEY})"), {"task_id": str(task_id)})
+                    conn.commit()
             except Exception:
                 # The connection broke (a time limit interrupted a query, the server went
                 # away): end its server session, which releases the lease, and let the

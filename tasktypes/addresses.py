@@ -40,8 +40,10 @@ def is_metadata_address(ip: IPAddress) -> bool:
 
 
 def is_public_address(ip: IPAddress) -> bool:
-    """Globally routable unicast, and so is every IPv4 address it embeds."""
-    for a in (ip, *_embedded_ipv4(ip)):
+    """Globally routable unicast, and so is every IPv4 address it embeds. A NAT64 or
+    IPv4-mapped address (reserved ranges themselves) is judged by the IPv4 it carries."""
+    translated = ip.version == 6 and (ip in NAT64 or ip.ipv4_mapped is not None)
+    for a in (_embedded_ipv4(ip) if translated else (ip, *_embedded_ipv4(ip))):
         if (not a.is_global or a.is_private or a.is_loopback or a.is_link_local or a.is_multicast
                 or a.is_reserved or a.is_unspecified):
             return False

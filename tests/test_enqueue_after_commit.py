@@ -60,6 +60,18 @@ class TestOutbox:
             s.commit()
         assert len(send.sent) == 1
 
+    def test_a_rolled_back_savepoint_takes_its_messages_with_it(self, e2e_db):
+        send = Recorder()
+        kept, dropped = uuid.uuid4(), uuid.uuid4()
+        with e2e_db() as s:
+            set_sender(s, send)
+            enqueue_after_commit(s, "image_analysis", kept)
+            nested = s.begin_nested()
+            enqueue_after_commit(s, "image_analysis", dropped)
+            nested.rollback()
+            s.commit()
+        assert send.sent == [("image_analysis", kept)]
+
     def test_a_failing_send_does_not_undo_the_committed_task(self, e2e_db):
         def broker_down(task_type, task_id):
             raise ConnectionError("broker down")  # logged; the sweep re-sends later

@@ -10,6 +10,7 @@ import uuid
 
 import falcon
 import pytest
+from sqlalchemy import text
 from falcon import testing
 
 from api.app import create_app
@@ -54,6 +55,17 @@ class BrokenCommit:
         resp.media = {"ok": True}
 
 
+class SlowQuery:
+    """A statement the database cancels (statement_timeout): an OperationalError that is not
+    the database being down."""
+
+    auth = None
+
+    def on_get(self, req, resp):
+        req.context.session.execute(text("SET LOCAL statement_timeout = '10ms'"))
+        req.context.session.execute(text("SELECT pg_sleep(1)"))
+
+
 class Echo:
     auth = None
     uses_db = False
@@ -68,6 +80,7 @@ def small_app(settings, engine, session_factory, task_queue):
     app = create_app(settings.with_(max_body_bytes=64), engine=engine, session_factory=session_factory, queue=task_queue)
     app.add_route("/test/boom", Boom())
     app.add_route("/test/broken-commit", BrokenCommit())
+    app.add_route("/test/slow-query", SlowQuery())
     app.add_route("/test/echo", Echo())
     return app
 
@@ -198,6 +211,12 @@ class TestUnhandledErrors:
         assert result.status_code == 500, result.text
         assert result.json == {"error": "Internal server error", "statusCode": 500, "code": "internal_error"}
         assert "no-such-plan" not in result.text
+
+    def test_a_cancelled_statement_is_a_500_not_a_retryable_503(self, small):
+        # Only an unreachable database is 503 database_unavailable; a timeout or a limit is a bug to fix.
+        result = small.simulate_get("/test/slow-query")
+        assert result.status_code == 500, result.text
+        assert result.json["code"] == "internal_error"
 
     def test_domain_error_keeps_its_status_and_code(self, client, make_token):
         assert_error(client.simulate_get("/api/users/me", headers=bearer(make_token())), 404, "user_not_found")

@@ -140,6 +140,14 @@ class TestFramingOnTheRealServer:
         assert status == 400, payload
         assert json.loads(payload)["code"] == "invalid_multipart"
 
+    def test_a_body_for_a_method_the_route_lacks_is_not_read(self, server):
+        # 405 at the headers, even for a chunked body announced to go on for ever.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"PUT /api/uploads HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n10000\r\n" + b"x" * 1000)
+            reply = sock.recv(65536).decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 405"), reply
+
     def test_an_anonymous_body_is_refused_at_its_headers(self, server):
         # 60 MB announced, none sent: the 401 comes without the server waiting for it.
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -244,7 +252,7 @@ class TestUrlsThatCanNeverBeFetched:
     @pytest.mark.parametrize("url", [
         "http://127.0.0.1/a.png", "http://2130706433/a.png", "http://[::1]/a.png", "http://10.1.2.3/a.png",
         "http://169.254.169.254/latest/meta-data", "http://metadata.google.internal/x", "http://localhost:8000/a",
-        "https://user:pw@example.com/a.png", "http://[::ffff:192.168.0.1]/a.png",
+        "https://user:pw@example.com/a.png", "http://[::ffff:192.168.0.1]/a.png", "http://[64:ff9b::a00:1]/a.png",
     ])
     def test_refused_at_admission_with_nothing_charged(self, client, user_headers, session, url):
         before = session.scalar(select(func.count()).select_from(Transaction))
@@ -253,9 +261,12 @@ class TestUrlsThatCanNeverBeFetched:
         _error(result, 400, "url_not_allowed")
         assert session.scalar(select(func.count()).select_from(Transaction)) == before
 
-    def test_a_public_name_is_left_to_the_fetcher(self, client, user_headers):
+    @pytest.mark.parametrize("url", ["https://example.com/a.png", "http://[64:ff9b::808:808]/a.png",
+                                     "http://8.8.8.8/a.png"])
+    def test_a_public_name_or_address_is_left_to_the_fetcher(self, client, user_headers, url):
+        # A NAT64 address (DNS64 on an IPv6-only network) is judged by the IPv4 it carries.
         result = client.simulate_post("/api/tasks/create", headers=user_headers,
-                                      json={"type": "image_analysis", "input": "https://example.com/a.png"})
+                                      json={"type": "image_analysis", "input": url})
         assert result.status_code == 201, result.text
 
     def test_the_fetch_allowances_apply_at_admission_too(self, settings, engine, session_factory, task_queue,

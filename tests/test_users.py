@@ -271,3 +271,16 @@ class TestHealth:
         assert result.status_code == 503
         assert ERROR_KEYS == set(result.json) and result.json["statusCode"] == 503
         assert "database" in result.json["error"] and "broker" not in result.json["error"]
+
+
+class TestSignupWithoutAGrant:
+    def test_a_plan_that_grants_nothing_still_sets_the_first_reset_date(self, session, monkeypatch):
+        import models.plans
+        from models.credits import initialize_user
+
+        session.execute(Plan.__table__.update().where(Plan.id == "free").values(monthly_credits=0))
+        monkeypatch.setattr(models.plans, "_PLAN_CACHE", {})
+        user, created = initialize_user(session, f"u_{uuid.uuid4().hex[:10]}")
+        assert created and user.credits == 0 and user.credit_reset_at is not None
+        session.expire_all()
+        assert session.get(User, user.id).credit_reset_at is not None
