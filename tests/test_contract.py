@@ -26,7 +26,8 @@ from tests.support.env import isolated_broker
 from worker.queue import TaskQueue, create_celery
 
 ISOLATED_REDIS_DB = 14  # tasks the fuzzer creates are queued where no worker consumes
-EXAMPLES_PER_OPERATION = 30
+EXAMPLES_PER_OPERATION = 60
+STATEFUL_EXAMPLES = 20
 STATEFUL_STEPS = 12
 
 
@@ -171,5 +172,6 @@ def test_every_answer_matches_the_document(case, api_schema):
 
 def test_stateful_workflows_match_the_document(api_schema):
     """create → read / cancel / output, upload → read, along the document's links."""
-    api_schema.as_state_machine().run(settings=settings(max_examples=10, stateful_step_count=STATEFUL_STEPS, deadline=None,
-                                   derandomize=True, database=None, suppress_health_check=list(HealthCheck)))
+    api_schema.as_state_machine().run(settings=settings(
+        max_examples=STATEFUL_EXAMPLES, stateful_step_count=STATEFUL_STEPS, deadline=None, derandomize=True,
+        database=None, suppress_health_check=list(HealthCheck)))
