@@ -1,4 +1,4 @@
-"""GET /openapi.json (generated at start-up from the route table) and GET /docs (Swagger UI,
+"""GET /openapi.json (built from the route table on its first request) and GET /docs (Swagger UI,
 served from the swagger-ui-bundle wheel under /docs/assets: no CDN at run time)."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 import falcon
 from swagger_ui_bundle import swagger_ui_path
 
-from . import schemas
 from .openapi import operation
 
 ASSETS_PATH = swagger_ui_path
@@ -57,6 +56,3 @@ class DocsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = falcon.MEDIA_HTML
         resp.text = _PAGE
-
-
-__all__ = ["ASSETS_PATH", "DocsResource", "OpenApiResource", "schemas"]

@@ -1,5 +1,5 @@
 """The contract as code: `@operation(...)` on a responder declares its schemas, validates the
-request against them, and is what `/openapi.json` is generated from at start-up.
+request against them, and is what `/openapi.json` is generated from.
 
 A responder decorated with a `body` or `query` schema receives the validated object as a
 keyword argument of that name; a refusal is a 400 in the contract's error shape whose

@@ -209,7 +209,7 @@ class TaskPage(Schema):
 
 class TaskListQuery(PageQuery):
     status: TaskStatus | None = None
-    type: Annotated[str | None, WithJsonSchema({"type": "string", "enum": list(TASK_TYPES)})] = None
+    type: TaskTypeName | None = None
     cursor: str | None = Field(None, max_length=200, description="nextCursor of the previous page")
     error_codes: ClassVar[dict[str, str]] = {**PageQuery.error_codes, "status": "invalid_status",
                                              "type": "invalid_task_type"}

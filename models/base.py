@@ -53,12 +53,9 @@ def check_storable(value: Any, what: str = "body", *, code: str = "invalid_input
             children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children)
         elif isinstance(item, str):
-            if "\x00" in item:
-                raise InvalidInput(f"The {what} holds a NUL character", code=code)
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidInput(f"The {what} holds an invalid Unicode character", code=code) from None
+            if not storable_text(item):
+                problem = "a NUL character" if "\x00" in item else "an invalid Unicode character"
+                raise InvalidInput(f"The {what} holds {problem}", code=code)
         elif isinstance(item, float) and not math.isfinite(item):
             raise InvalidInput(f"The {what} holds NaN or an infinity", code=code)
         elif not (item is None or isinstance(item, (bool, int, float))):

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -58,8 +59,6 @@ class Lease:
 
 
 def _idle(conn: Connection) -> bool:
-    from psycopg.pq import TransactionStatus
-
     try:
         return conn.connection.dbapi_connection.info.transaction_status == TransactionStatus.IDLE
     except Exception:  # the connection is already unusable

@@ -117,8 +117,8 @@ def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> s
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# Failing or cancelling a task never reads its request or output: loading them only on use
-# means a stored request nobody can read can still be failed and refunded.
+# Failing a task never reads its request or output: not loading them means a stored request
+# nobody can read can still be failed and refunded.
 _WITHOUT_REQUEST = (defer(AiTask.input), defer(AiTask.params), defer(AiTask.output))
 
 
@@ -128,8 +128,10 @@ _WITHOUT_REQUEST = (defer(AiTask.input), defer(AiTask.params), defer(AiTask.outp
 _tasks = AiTask.__table__
 
 
-def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None = None) -> AiTask | None:
-    task = session.get(AiTask, task_id, with_for_update=True, populate_existing=True, options=_WITHOUT_REQUEST)
+def _lock_task(session: Session, task_id: uuid.UUID, user_id: uuid.UUID | None = None, *,
+               without_request: bool = False) -> AiTask | None:
+    task = session.get(AiTask, task_id, with_for_update=True, populate_existing=True,
+                       options=_WITHOUT_REQUEST if without_request else None)
     if task is None or (user_id is not None and task.user_id != user_id):
         return None
     return task
@@ -394,7 +396,7 @@ def refund_task(session: Session, task: AiTask, reason: str) -> Row | None:
 
 def fail_task(session: Session, task_id: uuid.UUID, message: str, code: str = "processing_failed") -> bool:
     """Fail a pending or processing task and refund what it was charged."""
-    task = _lock_task(session, task_id)
+    task = _lock_task(session, task_id, without_request=True)
     if task is None or task.is_final:
         return False
     task.status, task.error, task.error_code, task.completed_at = "failed", message[:2000], code, utcnow()

@@ -71,7 +71,6 @@ TASK_TYPE_SPECS: Mapping[str, TaskTypeSpec] = MappingProxyType({
 })
 
 TASK_TYPES: tuple[str, ...] = tuple(TASK_TYPE_SPECS)
-TASK_QUEUES: tuple[str, ...] = tuple(spec.queue for spec in TASK_TYPE_SPECS.values())
 
 
 def spec_for(task_type: str) -> TaskTypeSpec:
@@ -83,6 +82,6 @@ def queue_for(task_type: str) -> str:
 
 
 __all__ = [
-    "IMAGE_FORMATS", "MAINTENANCE_QUEUE", "MAX_VIDEO_IMAGES", "TASK_QUEUES", "TASK_TYPES", "TASK_TYPE_SPECS",
+    "IMAGE_FORMATS", "MAINTENANCE_QUEUE", "MAX_VIDEO_IMAGES", "TASK_TYPES", "TASK_TYPE_SPECS",
     "TaskTypeSpec", "queue_for", "sniff_content_type", "spec_for",
 ]

@@ -23,8 +23,8 @@ Conventions:
 from __future__ import annotations
 
 import json
-
 import re
+from functools import cache
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, Mapping, Union
 
@@ -608,11 +608,13 @@ class AnalysisParams(TaskParams):
         return {"paletteSize": self.palette_size, "detectFaces": self.detect_faces}
 
 
-PARAMS_MODELS: Mapping[str, type[TaskParams]] = MappingProxyType({
-    "image_analysis": AnalysisParams,
-    "advanced_editing": EditParams,
-    "video_generation": VideoParams,
-})
+def _schema_of(task_type: str) -> type[TaskParams] | None:
+    # The registry (tasktypes/__init__.py, which imports this module) names each type's schema.
+    from . import TASK_TYPE_SPECS
+
+    spec = TASK_TYPE_SPECS.get(task_type)
+    return spec.params if spec is not None else None
+
 
 # The params of a type without a schema: any object, kept as it is.
 _ANY_OBJECT = TypeAdapter(dict[str, Any], config=ConfigDict(strict=True))
@@ -622,7 +624,7 @@ def parse_params(task_type: str, raw: Any) -> TaskParams:
     """The params of a task of this type as their model; pydantic.ValidationError otherwise.
 
     None is no params ({}); anything but an object is refused."""
-    model = PARAMS_MODELS.get(task_type)
+    model = _schema_of(task_type)
     if model is None:
         raise ValueError(f"no params schema for task type {task_type!r}")
     return model.model_validate({} if raw is None else raw)
@@ -633,13 +635,14 @@ def parse_params(task_type: str, raw: Any) -> TaskParams:
 MAX_UNKNOWN_PARAMS_BYTES = 1024
 
 
-def _accepted_keys(model: type[BaseModel]) -> set[str]:
+@cache
+def _accepted_keys(model: type[BaseModel]) -> frozenset[str]:
     keys: set[str] = set()
     for name, info in model.model_fields.items():
         keys.update(k for k in (name, info.alias, info.serialization_alias) if k)
         choices = getattr(info.validation_alias, "choices", None) or [info.validation_alias]
         keys.update(c for c in choices if isinstance(c, str))
-    return keys
+    return frozenset(keys)
 
 
 def stored_params(task_type: str, raw: dict[str, Any], parsed: TaskParams) -> dict[str, Any]:
@@ -661,7 +664,7 @@ def normalize_params(task_type: str, raw: Any) -> dict[str, Any]:
     gets its params back as a dict."""
     if isinstance(raw, TaskParams):
         return raw.normalized()
-    if task_type not in PARAMS_MODELS:
+    if _schema_of(task_type) is None:
         return dict(_ANY_OBJECT.validate_python({} if raw is None else raw))
     return parse_params(task_type, raw).normalized()
 
@@ -671,7 +674,7 @@ __all__ = [
     "Color", "ColorValue", "ContrastOp", "CropOp", "EDIT_OPERATIONS", "EditOperation", "EditParams", "FLIP_DIRECTIONS",
     "FORMAT_ALIASES", "FlipOp", "GrayscaleOp", "MAX_CROP_BOX_COORDINATE", "MAX_CROP_COORDINATE",
     "MAX_EDIT_DIMENSION", "MAX_EDIT_OPERATIONS", "MAX_PALETTE_SIZE", "MAX_TEXT_CHARS", "MOTION_ALIASES",
-    "OPERATION_MODELS", "OPERATION_NAMES", "OP_NAME_ALIASES", "OUTPUT_FORMATS", "Operation", "PARAMS_MODELS",
+    "OPERATION_MODELS", "OPERATION_NAMES", "OP_NAME_ALIASES", "OUTPUT_FORMATS", "Operation",
     "POSITIONS", "RESIZE_FITS", "ResizeOp", "RotateOp", "SaturationOp", "SharpenOp", "TaskParams",
     "VIDEO_DEFAULT_SECONDS", "VIDEO_FITS", "VIDEO_MAX_LONG_SIDE", "VIDEO_MAX_SECONDS", "VIDEO_MAX_SHORT_SIDE",
     "VIDEO_MAX_TRANSITION_SECONDS", "VIDEO_MIN_SIDE", "VIDEO_MOTIONS", "VIDEO_TRANSITIONS", "VideoParams",

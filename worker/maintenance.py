@@ -26,28 +26,29 @@ log = logging.getLogger(__name__)
 class JobReport:
     """What a beat job did: rows it acted on, and rows it skipped because they failed."""
 
+    job: str
     done: int = 0
     skipped: int = 0
 
-    def run(self, job: str, row_id, step) -> None:
+    def run(self, row_id, step) -> None:
         """One row in its own transaction: a row that fails is logged, counted and skipped,
         and the rest of the batch proceeds."""
         try:
             self.done += bool(step())
         except Exception:
             self.skipped += 1
-            log.exception("%s: skipped %s, which failed", job, row_id)
+            log.exception("%s: skipped %s, which failed", self.job, row_id)
 
-    def result(self, job: str) -> dict[str, int]:
+    def result(self) -> dict[str, int]:
         if self.skipped:
-            log.warning("%s: %d done, %d skipped", job, self.done, self.skipped)
+            log.warning("%s: %d done, %d skipped", self.job, self.done, self.skipped)
         return {"done": self.done, "skipped": self.skipped}
 
 
 @app.task(name="maintenance.reset_monthly_credits", ignore_result=True)
 def reset_monthly_credits() -> dict[str, int]:
     """Reset every user whose period ended, one transaction per user."""
-    report = JobReport()
+    report = JobReport("reset")
     with session_scope(runtime.sessions()) as session:
         due = users_due_for_reset(session)
     for user_id in due:
@@ -55,8 +56,8 @@ def reset_monthly_credits() -> dict[str, int]:
             with session_scope(runtime.sessions()) as session:
                 return reset_plan_credits(session, user_id)
 
-        report.run("reset", user_id, reset)
-    return report.result("reset")
+        report.run(user_id, reset)
+    return report.result()
 
 
 @app.task(name="maintenance.sweep_lost_messages", ignore_result=True)
@@ -74,7 +75,7 @@ def reap_stuck_tasks() -> dict[str, int]:
     when no live runner holds their lease."""
     margin = runtime.settings().stuck_margin_seconds
     limits = {name: timedelta(seconds=limit.hard + margin) for name, limit in runtime.settings().time_limits.items()}
-    report = JobReport()
+    report = JobReport("reap")
     with session_scope(runtime.sessions()) as session:
         candidates = stuck_processing_tasks(session, limits)
     for task_id in candidates:
@@ -86,5 +87,5 @@ def reap_stuck_tasks() -> dict[str, int]:
                 with lease.session() as session:
                     return fail_task(session, task_id, "The task stopped responding and was given up", "stuck")
 
-        report.run("reap", task_id, reap)
-    return report.result("reap")
+        report.run(task_id, reap)
+    return report.result()

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from tasktypes.formats import IMAGE_FORMATS
 from tasktypes.params import normalize_params
+from tasktypes.validation import validation_failures
 
 from .base import PermanentError, ProcessContext
 
@@ -43,30 +44,9 @@ def read_params(task_type: str, params: dict[str, Any] | None) -> dict[str, Any]
 
 
 def params_problem(exc: ValidationError, params: Any) -> str:
-    """The first failure as the API words it: `params.operations[2].degrees: must be ...`.
-
-    A location segment that is not a key of the params (a union tag, a validator's name) is
-    left out of the path, unless it is the last one."""
-    error = exc.errors(include_url=False)[0]
-    path, node, loc = "params", params, list(error["loc"])
-    for index, segment in enumerate(loc):
-        if isinstance(segment, int) and isinstance(node, list):
-            path += f"[{segment}]"
-            node = node[segment] if 0 <= segment < len(node) else None
-            continue
-        if isinstance(node, dict) and segment not in node and index < len(loc) - 1:
-            continue
-        path += f".{segment}"
-        node = node.get(segment) if isinstance(node, dict) else None
-    message = error["msg"]
-    for pydantic_says, we_say in (("Input should", "must"), ("Value error, ", "")):
-        if message.startswith(pydantic_says):
-            message = we_say + message[len(pydantic_says):]
-    if error["type"] == "missing":
-        message = "is required"
-    elif error["type"] == "extra_forbidden":
-        message = "is not a known option"
-    return f"{path}: {message}"
+    """The first failure as the API words it: `params.operations[2].degrees: must be ...`."""
+    first = validation_failures(exc, params, "params")[0]
+    return f"{first['path']}: {first['message']}"
 
 
 def _too_large(width: int, height: int, limit: int) -> PermanentError:
