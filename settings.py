@@ -16,6 +16,8 @@ from types import MappingProxyType
 from tasktypes import TASK_TYPE_SPECS
 
 DEV_JWT_SECRET = "studiox-dev-secret-not-for-production-use"
+# The plans sold through Stripe; each has its price id in STRIPE_PRICE_<PLAN>.
+PAID_PLANS = ("pro", "enterprise")
 ENVIRONMENTS = ("development", "test", "production")
 
 
@@ -111,8 +113,12 @@ class Settings:
     jwt_admin_claim: str = "role=admin"
     jwt_leeway_seconds: int = 30
     stripe_secret_key: str = ""
-    stripe_webhook_secret: str = ""
+    # Several while a secret is being rolled: an event signed with any of them is accepted.
+    stripe_webhook_secrets: tuple[str, ...] = ()
     stripe_api_base: str = ""
+    # plan id -> Stripe price id (STRIPE_PRICE_PRO, STRIPE_PRICE_ENTERPRISE)
+    stripe_prices: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    beat_reconcile_seconds: int = 300
     frontend_url: str = "http://localhost:3000"
     media_root: Path = Path("var/media")
     log_format: str = "text"
@@ -141,8 +147,13 @@ class Settings:
         return self.environment in ("development", "test")
 
     @property
-    def billing_configured(self) -> bool:
-        return bool(self.stripe_secret_key and self.stripe_webhook_secret)
+    def stripe_configured(self) -> bool:
+        """The routes that call Stripe work (otherwise they answer 503 billing_not_configured)."""
+        return bool(self.stripe_secret_key)
+
+    @property
+    def webhook_configured(self) -> bool:
+        return bool(self.stripe_webhook_secrets)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, *, dotenv: bool = True) -> Settings:
@@ -174,8 +185,13 @@ class Settings:
             jwt_admin_claim=env.get("JWT_ADMIN_CLAIM", "role=admin"),
             jwt_leeway_seconds=_int(env, "JWT_LEEWAY_SECONDS", 30),
             stripe_secret_key=env.get("STRIPE_SECRET_KEY", ""),
-            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
-            stripe_api_base=env.get("STRIPE_API_BASE", ""),
+            stripe_webhook_secrets=_split(env.get("STRIPE_WEBHOOK_SECRET")),
+            stripe_api_base=env.get("STRIPE_API_BASE", "").rstrip("/"),
+            stripe_prices=MappingProxyType({
+                plan: env[f"STRIPE_PRICE_{plan.upper()}"].strip()
+                for plan in PAID_PLANS if (env.get(f"STRIPE_PRICE_{plan.upper()}") or "").strip()
+            }),
+            beat_reconcile_seconds=_int(env, "BEAT_RECONCILE_SECONDS", 300),
             frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
             media_root=Path(env.get("MEDIA_ROOT", "var/media")),
             log_format=env.get("LOG_FORMAT", "text"),
@@ -216,7 +232,7 @@ class Settings:
             raise ConfigError("JWT_SECRET is the development secret; set a real one or use JWT_JWKS_URL / JWT_PUBLIC_KEY")
         if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key):
             raise ConfigError("JWT_JWKS_URL or JWT_PUBLIC_KEY must be set outside development")
-        if self.stripe_secret_key and not self.stripe_webhook_secret:
+        if self.stripe_secret_key and not self.stripe_webhook_secrets:
             raise ConfigError("STRIPE_WEBHOOK_SECRET must be set when STRIPE_SECRET_KEY is")
-        if self.stripe_webhook_secret and not self.stripe_secret_key:
+        if self.stripe_webhook_secrets and not self.stripe_secret_key:
             raise ConfigError("STRIPE_SECRET_KEY must be set when STRIPE_WEBHOOK_SECRET is")

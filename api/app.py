@@ -26,21 +26,23 @@ from .openapi import build_document
 
 def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str, Any]]:
     """Every route of the API: registered on the app and documented in /openapi.json alike."""
+    money = billing.Billing(settings)
+    upgrade = billing.UpgradePlanResource(money)
     table: list[tuple[str, Any]] = [
         ("/health", health.HealthResource(engine, queue)),
         ("/api/users/me", users.MeResource()),
         ("/api/users/credits", users.CreditsResource()),
         ("/api/users/transactions", users.TransactionsResource()),
         ("/api/users/initialize", users.InitializeResource()),
-        ("/api/users/upgrade-plan", users.UpgradePlanResource()),
-        ("/api/billing/plans", billing.PlansResource()),
-        ("/api/billing/webhook", billing.WebhookResource()),
-        ("/api/billing/purchase-credits", billing.PurchaseCreditsResource()),
-        ("/api/billing/purchases/{session_id}/sync", billing.SyncPurchaseResource()),
-        ("/api/billing/upgrade-plan", billing.UpgradePlanResource()),
+        ("/api/users/upgrade-plan", upgrade),
+        ("/api/billing/plans", billing.PlansResource(money)),
+        ("/api/billing/webhook", billing.WebhookResource(money)),
+        ("/api/billing/purchase-credits", billing.PurchaseCreditsResource(money)),
+        ("/api/billing/purchases/{session_id}/sync", billing.SyncPurchaseResource(money)),
+        ("/api/billing/upgrade-plan", upgrade),
         ("/api/billing/history", billing.HistoryResource()),
         ("/api/billing/next-date", billing.NextDateResource()),
-        ("/api/billing/portal", billing.PortalResource()),
+        ("/api/billing/portal", billing.PortalResource(money)),
         ("/api/tasks", tasks.TasksResource()),
         ("/api/tasks/create", tasks.CreateTaskResource(
             UrlPolicy(settings.fetch_allow_private, tuple(settings.fetch_allowed_hosts)))),

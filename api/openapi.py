@@ -35,6 +35,7 @@ ERROR_STATUSES = {
     413: "Body too large",
     415: "Unsupported media type",
     429: "Too many tasks in flight",
+    502: "Stripe could not be reached or refused the request",
     503: "A dependency (database, broker, token keys, billing) is unavailable",
 }
 _PATH_PARAM = re.compile(r"{(\w+)}")

@@ -8,7 +8,7 @@ JSON keys are camelCase; request models accept the snake_case spelling too.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidation, WithJsonSchema, field_validator
@@ -149,6 +149,16 @@ class PlanOut(Schema):
     currency: str
     allowed_task_types: list[str]
     max_concurrent_tasks: int
+    purchasable: bool = Field(False, description="Can be subscribed to through Stripe here (it has a Stripe price)")
+
+
+class PackOut(Schema):
+    id: str
+    name: str
+    credits: int
+    price: float = Field(description="In the currency's main unit")
+    price_cents: int
+    currency: str
 
 
 class TaskCost(Schema):
@@ -160,7 +170,107 @@ class TaskCost(Schema):
 
 class PlansOut(Schema):
     plans: list[PlanOut]
+    packs: list[PackOut] = Field(description="Credit packs: bought once, never expire")
     task_costs: dict[str, TaskCost]
+
+
+# --- billing -------------------------------------------------------------------------------
+
+class PurchaseCreditsBody(RequestSchema):
+    pack: str = Field(min_length=1, max_length=32, description="A pack id from GET /api/billing/plans")
+    error_codes: ClassVar[dict[str, str]] = {"pack": "invalid_pack"}
+
+
+class CheckoutOut(Schema):
+    url: str = Field(description="Stripe Checkout: send the customer there")
+    session_id: str
+
+
+class PurchaseOut(Schema):
+    id: uuid.UUID
+    session_id: str
+    pack_id: str
+    credits: int = Field(description="What the purchase granted (or will, once paid)")
+    status: Literal["pending", "paid", "failed", "expired"]
+    amount_paid: int | None = Field(description="In the currency's smallest unit")
+    currency: str | None
+    amount_refunded: int
+    credits_taken_back: int = Field(description="Taken back by refunds and a dispute (net of a reinstatement)")
+    shortfall: int = Field(description="What refunds or a dispute claimed but had already been spent")
+    dispute_state: Literal["open", "reinstated", "lost"] | None
+    created_at: datetime
+    paid_at: datetime | None
+
+
+class SyncOut(Schema):
+    purchase: PurchaseOut
+    outcome: str = Field(description="credits_granted, already_fulfilled, awaiting_payment, ...")
+    credits: int = Field(description="Your balance afterwards")
+
+
+class UpgradePlanBody(RequestSchema):
+    plan_id: str = Field(min_length=1, max_length=32, description="free, pro or enterprise")
+    error_codes: ClassVar[dict[str, str]] = {"planId": "invalid_plan", "plan_id": "invalid_plan"}
+
+
+class UpgradeOut(Schema):
+    action: Literal["checkout", "subscription_updated", "cancel_at_period_end", "unchanged"]
+    plan_id: str
+    effective: Literal["after_payment", "now", "period_end", "unchanged"] = Field(
+        description="When the plan changes; it changes only when Stripe's events say so")
+    message: str
+    url: str | None = Field(None, description="Checkout URL (action=checkout)")
+    session_id: str | None = None
+
+
+class PlanChangeOut(Schema):
+    from_plan_id: str
+    to_plan_id: str
+    reason: str
+    subscription_id: str | None
+    created_at: datetime
+
+
+class PeriodOut(Schema):
+    invoice_id: str | None
+    credits: int
+    period: date | None = Field(description="The period's first day")
+    description: str | None
+    created_at: datetime
+
+
+class HistoryEntryOut(Schema):
+    kind: Literal["purchase", "plan_change", "subscription_period"]
+    at: datetime
+    purchase: PurchaseOut | None = None
+    plan_change: PlanChangeOut | None = None
+    period: PeriodOut | None = None
+
+
+class HistoryPage(Schema):
+    entries: list[HistoryEntryOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at the end")
+
+
+class HistoryQuery(PageQuery):
+    cursor: str | None = Field(None, max_length=200, description="nextCursor of the previous page")
+
+
+class NextDateOut(Schema):
+    plan_id: str
+    kind: Literal["renewal", "reset"] = Field(description="renewal: a paid plan Stripe renews; reset: beat's monthly reset")
+    next_date: datetime | None
+    subscription_status: str | None
+    cancel_at_period_end: bool
+
+
+class PortalOut(Schema):
+    url: str
+
+
+class WebhookAck(Schema):
+    received: bool
+    duplicate: bool = Field(description="This event id was stored before (a redelivery)")
 
 
 # --- tasks ---------------------------------------------------------------------------------

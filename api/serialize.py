@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
-from models import AiTask, Plan
+from models import AiTask, CreditPack, Plan, Purchase
+from models.billing import HistoryEntry
 from models.plans import price_list
 
 from . import schemas
@@ -18,16 +20,45 @@ def media(model: BaseModel) -> dict[str, Any]:
     return model.model_dump(mode="json", by_alias=True)
 
 
-def plan_out(plan: Plan) -> schemas.PlanOut:
+def plan_out(plan: Plan, prices: Mapping[str, str]) -> schemas.PlanOut:
     return schemas.PlanOut(
         id=plan.id, name=plan.name, monthly_credits=plan.monthly_credits, price=plan.price_cents / 100,
         price_cents=plan.price_cents, currency="usd", allowed_task_types=list(plan.allowed_task_types),
-        max_concurrent_tasks=plan.max_concurrent_tasks,
+        max_concurrent_tasks=plan.max_concurrent_tasks, purchasable=plan.id in prices,
     )
 
 
-def plans_out(plans: list[Plan]) -> schemas.PlansOut:
-    return schemas.PlansOut(plans=[plan_out(p) for p in plans], task_costs=price_list())
+def pack_out(pack: CreditPack) -> schemas.PackOut:
+    return schemas.PackOut(id=pack.id, name=pack.name, credits=pack.credits, price=pack.price_cents / 100,
+                           price_cents=pack.price_cents, currency=pack.currency)
+
+
+def plans_out(plans: list[Plan], packs: list[CreditPack], prices: Mapping[str, str]) -> schemas.PlansOut:
+    return schemas.PlansOut(plans=[plan_out(p, prices) for p in plans], packs=[pack_out(p) for p in packs],
+                            task_costs=price_list())
+
+
+def purchase_out(purchase: Purchase) -> schemas.PurchaseOut:
+    return schemas.PurchaseOut(
+        id=purchase.id, session_id=purchase.stripe_session_id, pack_id=purchase.pack_id, credits=purchase.credits,
+        status=purchase.status, amount_paid=purchase.amount_paid, currency=purchase.currency,
+        amount_refunded=purchase.amount_refunded, credits_taken_back=purchase.credits_taken_back,
+        shortfall=purchase.shortfall, dispute_state=purchase.dispute_state, created_at=purchase.created_at,
+        paid_at=purchase.paid_at,
+    )
+
+
+def history_entry_out(entry: HistoryEntry) -> schemas.HistoryEntryOut:
+    out = schemas.HistoryEntryOut(kind=entry.kind, at=entry.at)
+    if entry.kind == "purchase":
+        out.purchase = purchase_out(entry.item)
+    elif entry.kind == "plan_change":
+        out.plan_change = schemas.PlanChangeOut.model_validate(entry.item)
+    else:
+        row = entry.item
+        out.period = schemas.PeriodOut(invoice_id=row.stripe_object_id, credits=row.amount,
+                                       period=row.period, description=row.description, created_at=row.created_at)
+    return out
 
 
 def output_file(task: AiTask) -> dict[str, Any] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import falcon
 
 from models.credits import initialize_user, list_transactions
-from models.errors import BillingNotConfigured
 from models.tasks import credit_summary
 
 from . import schemas
@@ -58,16 +57,3 @@ class InitializeResource:
                                         name=profile.name)
         resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
         resp.media = media(schemas.InitializedUser(user=user, created=created))
-
-
-class UpgradePlanResource:
-    """Same as POST /api/billing/upgrade-plan; delegates to it when billing is configured."""
-
-    def __init__(self, billing_upgrade=None):
-        self.billing_upgrade = billing_upgrade
-
-    @operation("Change your plan (same as POST /api/billing/upgrade-plan)", responses={200: {}}, errors=(503,))
-    def on_post(self, req, resp) -> None:
-        if self.billing_upgrade is None:
-            raise BillingNotConfigured()
-        self.billing_upgrade.on_post(req, resp)

@@ -1,11 +1,15 @@
 """StudioX's data and the rules about money. Imports neither `api` nor `worker`."""
 
 from .base import Base, utcnow
-from .billing import StripeEvent
+from .billing import PlanChange
 from .credits import Transaction
 from .plans import Plan
+from .purchases import CreditPack, Purchase
+from .stripe_events import StripeEvent, SyncCursor
+from .subscriptions import Subscription
 from .tasks import AiTask
 from .uploads import Upload
 from .users import User
 
-__all__ = ["AiTask", "Base", "Plan", "StripeEvent", "Transaction", "Upload", "User", "utcnow"]
+__all__ = ["AiTask", "Base", "CreditPack", "Plan", "PlanChange", "Purchase", "StripeEvent", "Subscription", "SyncCursor",
+           "Transaction", "Upload", "User", "utcnow"]

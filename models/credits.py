@@ -47,7 +47,15 @@ TRANSACTION_TYPES = (
     "credit_purchase",
     "plan_upgrade",
     "admin_adjustment",
+    # Billing: a refund or a dispute takes a purchase's credits back; a won dispute gives
+    # back what it took.
+    "credit_clawback",
+    "credit_reinstated",
 )
+# Entries written for a Stripe object carry its id (`stripe_object_id`), unique per type: no
+# delivery order or repetition of Stripe's events applies one twice (invariant 4).
+STRIPE_OBJECT_TYPES = ("credit_purchase", "plan_upgrade", "monthly_reset", "credit_expiry", "credit_clawback",
+                       "credit_reinstated")
 
 
 class Transaction(Base):
@@ -84,9 +92,23 @@ class Transaction(Base):
         # Invariant 4: a Stripe event moves money at most once per kind of entry.
         Index("uq_transactions_stripe_event", "stripe_event_id", "type", unique=True,
               postgresql_where=text("stripe_event_id IS NOT NULL")),
-        # Invariant 5: one reset (and one expiry) per user per period.
+        # Invariant 4 again, by Stripe object: one purchase grant per Checkout Session, one
+        # paid period per invoice, one top-up per upgrade, one clawback per refund state or
+        # dispute, one reinstatement per dispute.
+        Index("uq_transactions_stripe_object", "type", "stripe_object_id", unique=True,
+              postgresql_where=text("stripe_object_id IS NOT NULL")),
+        CheckConstraint(
+            f"stripe_object_id IS NULL OR {sql_in('type', STRIPE_OBJECT_TYPES)}", name="stripe_object_types"
+        ),
+        CheckConstraint(
+            "type NOT IN ('credit_clawback', 'credit_reinstated')"
+            " OR (purchase_id IS NOT NULL AND stripe_object_id IS NOT NULL AND plan_delta = 0)",
+            name="clawbacks_name_purchase",
+        ),
+        # Invariant 5: one reset (and one expiry) per user per period of beat's; a paid
+        # period (an invoice) is unique by its invoice id above.
         Index("uq_transactions_user_period", "user_id", "type", "period", unique=True,
-              postgresql_where=text("period IS NOT NULL")),
+              postgresql_where=text("period IS NOT NULL AND stripe_object_id IS NULL")),
         # Keyset pagination, newest first.
         Index("ix_transactions_user_id_id", "user_id", text("id DESC")),
     )
@@ -103,6 +125,8 @@ class Transaction(Base):
     refund_of_id: Mapped[int | None] = mapped_column(BigInteger)
     refund_of_amount: Mapped[int | None] = mapped_column(Integer)
     stripe_event_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_object_id: Mapped[str | None] = mapped_column(String(255))
+    purchase_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("purchases.id"), index=True)
     period: Mapped[date | None] = mapped_column(Date)
     description: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
@@ -137,6 +161,8 @@ def post_entry(
     task_id: uuid.UUID | None = None,
     refund_of: Transaction | Row | None = None,
     stripe_event_id: str | None = None,
+    stripe_object_id: str | None = None,
+    purchase_id: uuid.UUID | None = None,
     period: date | None = None,
     description: str | None = None,
 ) -> Row:
@@ -171,6 +197,8 @@ def post_entry(
         refund_of_id=refund_of.id if refund_of is not None else None,
         refund_of_amount=refund_of.amount if refund_of is not None else None,
         stripe_event_id=stripe_event_id,
+        stripe_object_id=stripe_object_id,
+        purchase_id=purchase_id,
         period=period,
         description=description,
         created_at=utcnow(),
@@ -250,11 +278,12 @@ def reset_plan_credits(session: Session, user_id: uuid.UUID, now: datetime | Non
 
     Runs under the user's row lock and records the period on both ledger rows; the unique
     (user, type, period) index makes a second reset for the same period impossible even if
-    beat fires twice at once. Returns False when the user's reset is not due yet.
+    beat fires twice at once. Returns False when the user's reset is not due yet, or when the
+    user has a Stripe subscription: its paid invoices start their periods (invariant 5).
     """
     now = now or utcnow()
     user = lock_user(session, user_id)
-    if user.credit_reset_at is None or user.credit_reset_at > now:
+    if user.credit_reset_at is None or user.credit_reset_at > now or user.stripe_subscription_id is not None:
         return False
     period = user.credit_reset_at.date()
     plan = get_plan(session, user.plan_id)
@@ -274,8 +303,10 @@ def reset_plan_credits(session: Session, user_id: uuid.UUID, now: datetime | Non
 
 
 def users_due_for_reset(session: Session, now: datetime | None = None, limit: int = 500) -> list[uuid.UUID]:
+    """Users whose period ended and who have no Stripe subscription (Stripe renews those)."""
     return list(session.scalars(
-        select(User.id).where(User.credit_reset_at <= (now or utcnow())).order_by(User.credit_reset_at).limit(limit)
+        select(User.id).where(User.credit_reset_at <= (now or utcnow()), User.stripe_subscription_id.is_(None))
+        .order_by(User.credit_reset_at).limit(limit)
     ))
 
 

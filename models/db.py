@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 _OUTBOX = "studiox.outbox"
 _SENDER = "studiox.send_task"
 
-# Publishes one task message: (task type, task id). The API and the worker each pass their
-# Celery-backed sender; `models/` never sees Celery.
-SendTask = Callable[[str, uuid.UUID], None]
+# Publishes one message: (task type, task id), or (maintenance job name, its argument, such
+# as a Stripe event id). The API and the worker each pass their Celery-backed sender;
+# `models/` never sees Celery.
+SendTask = Callable[[str, "uuid.UUID | str"], None]
 
 
 def create_engine(url: str, **kwargs) -> Engine:
@@ -56,7 +57,7 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def enqueue_after_commit(session: Session, task_type: str, task_id: uuid.UUID) -> None:
+def enqueue_after_commit(session: Session, task_type: str, task_id: uuid.UUID | str) -> None:
     """Send the task's message once the session's transaction has committed; never on rollback.
 
     The one way a task message leaves: the API's submission, an operator's re-queue and the

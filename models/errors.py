@@ -127,3 +127,45 @@ class BillingNotConfigured(DomainError):
 
     status_code = 503
     code = "billing_not_configured"
+
+
+class PackNotFound(DomainError):
+    """Unknown credit pack."""
+
+    status_code = 400
+    code = "unknown_pack"
+
+
+class PurchaseNotFound(DomainError):
+    """Purchase not found."""
+
+    status_code = 404
+    code = "purchase_not_found"
+
+
+class PlanNotPurchasable(DomainError):
+    """That plan cannot be bought on this server."""
+
+    status_code = 400
+    code = "plan_not_purchasable"
+
+
+class NoSubscription(DomainError):
+    """You have no subscription to change."""
+
+    status_code = 409
+    code = "no_subscription"
+
+
+class NoBillingAccount(DomainError):
+    """You have no billing account yet; buy credits or a plan first."""
+
+    status_code = 409
+    code = "no_billing_account"
+
+
+class BillingProviderError(DomainError):
+    """Stripe could not be reached or refused the request; try again."""
+
+    status_code = 502
+    code = "billing_provider_error"

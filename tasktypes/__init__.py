@@ -18,6 +18,8 @@ from .inputs import MAX_VIDEO_IMAGES
 from .params import AnalysisParams, EditParams, VideoParams
 
 MAINTENANCE_QUEUE = "maintenance"
+# The maintenance job that applies one stored Stripe event (its argument is the event id).
+APPLY_STRIPE_EVENT_JOB = "maintenance.apply_stripe_event"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Invariants 4 and 5 and the beat jobs: monthly resets once per period, Stripe events
-once, lost messages re-sent, stuck tasks reaped — run by real workers, fired repeatedly."""
+"""Invariant 5 and the beat jobs: monthly resets once per period (Stripe's events are
+tests/test_billing_*.py's), lost messages re-sent, stuck tasks reaped — run by real workers, fired repeatedly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from models import AiTask, Transaction, User, utcnow
-from models.billing import apply_stripe_event, change_plan
+from models.billing import change_plan
 from models.credits import ledger_sum, reset_plan_credits
 from models.db import session_scope
 from models.leases import task_lease
@@ -84,39 +84,6 @@ class TestMonthlyReset:
         with e2e_db() as s:
             assert count(s, user_id, "monthly_reset") == 1
             assert s.get(User, user_id).credits == ledger_sum(s, user_id)
-
-
-def checkout_event(event_id, user_id, credits=100):
-    return {"id": event_id, "type": "checkout.session.completed", "data": {"object": {
-        "id": "cs_test", "payment_status": "paid", "customer": "cus_1",
-        "metadata": {"user_id": str(user_id), "kind": "credits", "credits": str(credits)}}}}
-
-
-class TestStripeEventsOnce:
-    def test_an_event_delivered_twenty_times_at_once_credits_once(self, e2e_db, user_id):
-        event = checkout_event("evt_many", user_id)
-
-        def deliver(_):
-            with session_scope(e2e_db) as s:
-                return apply_stripe_event(s, event)
-
-        results = at_once(20, deliver)
-        assert results.count("credits_purchased") == 1 and results.count("duplicate") == 19
-        with e2e_db() as s:
-            user = s.get(User, user_id)
-            assert user.purchased_credits == 100 and user.credits == ledger_sum(s, user_id) == 120
-            assert count(s, user_id, "credit_purchase") == 1
-
-    def test_plan_upgrade_event_applies_once(self, e2e_db, user_id):
-        event = {"id": "evt_plan", "type": "checkout.session.completed", "data": {"object": {
-            "payment_status": "paid", "subscription": "sub_1",
-            "metadata": {"user_id": str(user_id), "kind": "plan", "plan_id": "pro"}}}}
-        for _ in range(3):
-            with session_scope(e2e_db) as s:
-                apply_stripe_event(s, event)
-        with e2e_db() as s:
-            user = s.get(User, user_id)
-            assert user.plan_id == "pro" and user.plan_credits == 500 and count(s, user_id, "plan_upgrade") == 1
 
 
 class TestLostMessageSweep:

@@ -43,6 +43,20 @@ class TestProductionRefusesInsecureConfig:
         with pytest.raises(ConfigError, match="STRIPE_SECRET_KEY"):
             from_env(**{**PRODUCTION, "STRIPE_WEBHOOK_SECRET": "whsec_abc"})
 
+    def test_webhook_secrets_are_a_comma_list_while_one_is_rolled(self):
+        settings = from_env(**PRODUCTION, STRIPE_SECRET_KEY="sk_live_abc", STRIPE_WEBHOOK_SECRET="whsec_new, whsec_old")
+        assert settings.stripe_webhook_secrets == ("whsec_new", "whsec_old")
+
+    def test_each_paid_plan_reads_its_stripe_price(self):
+        settings = from_env(**BASE, STRIPE_PRICE_PRO="price_pro", STRIPE_PRICE_ENTERPRISE=" ")
+        assert dict(settings.stripe_prices) == {"pro": "price_pro"}  # a blank one is unset: not for sale
+
+    def test_reconcile_interval_is_read(self):
+        assert from_env(**BASE).beat_reconcile_seconds == 300
+        assert from_env(**BASE, BEAT_RECONCILE_SECONDS="60").beat_reconcile_seconds == 60
+        with pytest.raises(ConfigError, match="BEAT_RECONCILE_SECONDS"):
+            from_env(**BASE, BEAT_RECONCILE_SECONDS="often")
+
     @pytest.mark.parametrize("missing", ["DATABASE_URL", "REDIS_URL"])
     def test_missing_database_or_broker_is_refused_naming_it(self, missing):
         env = {k: v for k, v in PRODUCTION.items() if k != missing}
@@ -62,7 +76,7 @@ class TestProductionRefusesInsecureConfig:
         settings = from_env(**PRODUCTION, STRIPE_SECRET_KEY="sk_live_abc", STRIPE_WEBHOOK_SECRET="whsec_abc",
                             JWT_ISSUER="https://clerk.example.com", JWT_AUTHORIZED_PARTIES="https://app.example.com, https://x.example.com")
         assert not settings.is_development
-        assert settings.billing_configured
+        assert settings.stripe_configured and settings.webhook_configured
         assert settings.jwt_authorized_parties == ("https://app.example.com", "https://x.example.com")
 
 
@@ -88,7 +102,7 @@ class TestDevelopmentDefaults:
         assert settings.jwt_admin_claim == "role=admin"
         assert settings.frontend_url == "http://localhost:3000"
         assert settings.media_root == Path("var/media")
-        assert not settings.billing_configured
+        assert not settings.stripe_configured and not settings.webhook_configured
         assert settings.broker_url == BASE["REDIS_URL"]
 
     def test_broker_url_overrides_redis_url(self):

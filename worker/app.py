@@ -8,7 +8,7 @@ from settings import Settings
 from worker.queue import create_celery
 
 app = create_celery(Settings.from_env())
-app.conf.imports = ("worker.tasks", "worker.maintenance")
+app.conf.imports = ("worker.tasks", "worker.maintenance", "worker.billing")
 
 
 @signals.worker_process_init.connect

@@ -24,6 +24,10 @@ def create_celery(settings: Settings) -> Celery:
     }
     # Redis redelivers a message nobody acknowledged after the visibility timeout. It must be
     # longer than the longest hard time limit, or a long task would run twice at once.
+    app.conf.beat_schedule = {
+        **app.conf.beat_schedule,
+        "reconcile-stripe": {"task": "maintenance.reconcile_stripe", "schedule": float(settings.beat_reconcile_seconds)},
+    }
     app.conf.broker_transport_options = {
         "visibility_timeout": 2 * max(limit.hard for limit in limits.values()) + 600,
     }
@@ -36,9 +40,11 @@ class TaskQueue:
     def __init__(self, celery: Celery):
         self.celery = celery
 
-    def send(self, task_type: str, task_id: uuid.UUID) -> None:
-        # Routing by name (celeryconfig.task_routes) picks the type's queue.
-        self.celery.send_task(spec_for(task_type).celery_task, args=[str(task_id)])
+    def send(self, name: str, task_id: uuid.UUID | str) -> None:
+        """Send a task type's message, or a maintenance job's (`maintenance.*`) with its argument."""
+        # Routing by name (celeryconfig.task_routes) picks the queue.
+        task = name if name.startswith("maintenance.") else spec_for(name).celery_task
+        self.celery.send_task(task, args=[str(task_id)])
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached.

@@ -11,9 +11,11 @@ from functools import cache
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.billing import BillingContext
 from models.db import create_engine, make_session_factory
 from settings import Settings
 from storage import LocalStorage
+from stripe_gateway import StripeGateway
 
 
 @cache
@@ -41,9 +43,18 @@ def storage() -> LocalStorage:
     return LocalStorage(settings().media_root)
 
 
+@cache
+def billing() -> BillingContext:
+    """What applying Stripe's events needs: the plans' prices, and Stripe when configured."""
+    config = settings()
+    gateway = StripeGateway(config) if config.stripe_configured else None
+    return BillingContext(prices=dict(config.stripe_prices), stripe=gateway,
+                          livemode=gateway.livemode if gateway is not None else None)
+
+
 def reset() -> None:
     if engine.cache_info().currsize:
         # Forget the parent's pooled connections without closing them under its feet.
         engine().dispose(close=False)
-    for fn in (engine, sessions, storage):
+    for fn in (engine, sessions, storage, billing):
         fn.cache_clear()

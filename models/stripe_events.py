@@ -1,0 +1,201 @@
+"""Stripe's events: stored once by id, then applied once (invariant 4).
+
+The webhook (or the reconciliation job) stores an event with an insert-or-skip on its id
+and commits; a worker then applies it. Applying locks the event's row, runs the rule for
+its type and marks it handled in the same transaction as the rule's effect, so a second
+delivery, a second apply or a crash in between changes nothing twice; an event whose
+apply failed stays unhandled, with its attempts and last error, for the next retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import Boolean, Index, Integer, String, Text, bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from tasktypes import APPLY_STRIPE_EVENT_JOB
+
+from .base import Base, utcnow
+from .billing import BillingContext
+from .db import enqueue_after_commit
+from .purchases import _id, apply_dispute, apply_refund, close_checkout, fulfil_checkout
+from .subscriptions import apply_invoice_paid, apply_subscription, user_for_customer
+
+
+class StripeEvent(Base):
+    __tablename__ = "stripe_events"
+    __table_args__ = (
+        Index("ix_stripe_events_unhandled", "received_at", postgresql_where=text("handled_at IS NULL")),
+        Index("ix_stripe_events_created", "created"),
+    )
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    livemode: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Stripe's own time of the event (`created`); the reconciliation lists from it.
+    created: Mapped[datetime | None]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    handled_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # What applying it did (credits_granted, stale, unknown_session, ignored, ...).
+    outcome: Mapped[str | None] = mapped_column(String(64))
+
+
+class SyncCursor(Base):
+    """Where a job that reads a remote list got to (the reconciliation's place in Stripe's events)."""
+
+    __tablename__ = "sync_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+_STORE = (
+    insert(StripeEvent)
+    .values(id=bindparam("id"), type=bindparam("type"), payload=bindparam("payload", type_=JSONB),
+            livemode=bindparam("livemode"), created=bindparam("created"), received_at=bindparam("received_at"))
+    .on_conflict_do_nothing(index_elements=[StripeEvent.id])
+    .returning(StripeEvent.id)
+)
+_HANDLED = select(StripeEvent.handled_at).where(StripeEvent.id == bindparam("id"))
+
+
+def store_event(session: Session, event: Mapping[str, Any], *, apply: bool = True) -> bool:
+    """Store a verified event unless its id is known; True if it is new. Unless it was
+    already handled, its apply job is queued to go out after the caller commits."""
+    created = event.get("created")
+    inserted = session.scalar(_STORE, {
+        "id": event["id"], "type": event["type"], "payload": dict(event), "livemode": bool(event.get("livemode")),
+        "created": datetime.fromtimestamp(int(created), timezone.utc) if created is not None else None,
+        "received_at": utcnow(),
+    }) is not None
+    if apply and (inserted or session.scalar(_HANDLED, {"id": event["id"]}) is None):
+        enqueue_after_commit(session, APPLY_STRIPE_EVENT_JOB, event["id"])
+    return inserted
+
+
+def apply_event(session: Session, event_id: str, ctx: BillingContext) -> str:
+    """Apply a stored event once; its effect and its handled mark commit together."""
+    row = session.scalar(select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
+                         .execution_options(populate_existing=True))
+    if row is None:
+        return "not_stored"
+    if row.handled_at is not None:
+        return "duplicate"
+    if ctx.livemode is not None and row.livemode != ctx.livemode:
+        outcome = "ignored_livemode"
+    else:
+        handler = HANDLERS.get(row.type)
+        outcome = handler(session, row.payload, ctx) if handler else "ignored"
+    row.attempts += 1
+    row.handled_at, row.outcome, row.last_error = utcnow(), outcome, None
+    session.flush()
+    return outcome
+
+
+def record_failure(session: Session, event_id: str, error: str) -> None:
+    """Count a failed apply (in its own transaction: the apply's was rolled back)."""
+    session.execute(StripeEvent.__table__.update().where(StripeEvent.id == event_id, StripeEvent.handled_at.is_(None))
+                    .values(attempts=StripeEvent.attempts + 1, last_error=error[:2000]))
+
+
+def unhandled_events(session: Session, *, older_than: timedelta, limit: int = 500) -> list[str]:
+    """Stored events still waiting: their apply failed, or its message was lost."""
+    return list(session.scalars(
+        select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.received_at < utcnow() - older_than)
+        .order_by(StripeEvent.received_at).limit(limit)
+    ))
+
+
+def cursor_position(session: Session, name: str) -> datetime | None:
+    return session.scalar(select(SyncCursor.position).where(SyncCursor.name == name))
+
+
+def move_cursor(session: Session, name: str, position: datetime) -> None:
+    session.execute(insert(SyncCursor).values(name=name, position=position, updated_at=utcnow())
+                    .on_conflict_do_update(index_elements=[SyncCursor.name],
+                                           set_={"position": position, "updated_at": utcnow()}))
+
+
+# --- the rules by event type ---------------------------------------------------------------------
+
+def _object(event: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (event.get("data") or {}).get("object") or {}
+
+
+def _checkout_completed(session: Session, event, ctx: BillingContext) -> str:
+    checkout = _object(event)
+    if checkout.get("mode") == "subscription":
+        _link_customer(session, checkout)
+        return "subscription_checkout"  # the subscription's own events do the rest
+    return fulfil_checkout(session, checkout, event_id=event["id"])
+
+
+def _link_customer(session: Session, checkout: Mapping[str, Any]) -> None:
+    user = user_for_customer(session, None, {"user_id": checkout.get("client_reference_id")})
+    customer = _id(checkout.get("customer"))
+    if user is not None and customer and user.stripe_customer_id is None:
+        user.stripe_customer_id = customer
+
+
+def _subscription(deleted: bool) -> Callable:
+    def handle(session: Session, event, ctx: BillingContext) -> str:
+        return apply_subscription(session, _object(event), ctx, as_of=int(event["created"]), event_id=event["id"],
+                                  deleted=deleted)
+
+    return handle
+
+
+def _charge_refunded(session: Session, event, ctx: BillingContext) -> str:
+    return apply_refund(session, _object(event), event_id=event["id"])
+
+
+def _refund(session: Session, event, ctx: BillingContext) -> str:
+    # A refund names its charge; the charge's cumulative amount refunded decides.
+    refund = _object(event)
+    if refund.get("status") != "succeeded" or ctx.stripe is None:
+        return "refund_pending"
+    return apply_refund(session, ctx.stripe.retrieve_charge(_id(refund["charge"])), event_id=event["id"])
+
+
+def _dispute(session: Session, event, ctx: BillingContext) -> str:
+    dispute = _object(event)
+    outcome = apply_dispute(session, dispute, event_type=event["type"], event_id=event["id"])
+    if outcome is not None:
+        return outcome
+    if event["type"] != "charge.dispute.created" or ctx.stripe is None:
+        return "not_a_purchase"
+    # A dispute on a subscription payment cancels the subscription (its own deleted event
+    # then moves the user to free).
+    charge = ctx.stripe.retrieve_charge(_id(dispute["charge"]))
+    user = user_for_customer(session, charge.get("customer"))
+    if user is None or user.stripe_subscription_id is None:
+        return "not_a_purchase"
+    ctx.stripe.cancel_subscription(user.stripe_subscription_id)
+    return "subscription_cancelled"
+
+
+HANDLERS: dict[str, Callable[[Session, Mapping[str, Any], BillingContext], str]] = {
+    "checkout.session.completed": _checkout_completed,
+    "checkout.session.async_payment_succeeded": _checkout_completed,
+    "checkout.session.async_payment_failed": lambda s, e, c: close_checkout(s, _object(e), "failed"),
+    "checkout.session.expired": lambda s, e, c: close_checkout(s, _object(e), "expired"),
+    "customer.subscription.created": _subscription(False),
+    "customer.subscription.updated": _subscription(False),
+    "customer.subscription.deleted": _subscription(True),
+    "invoice.paid": lambda s, e, c: apply_invoice_paid(s, _object(e), c, event_id=e["id"]),
+    "charge.refunded": _charge_refunded,
+    "refund.created": _refund,
+    "refund.updated": _refund,
+    "charge.dispute.created": _dispute,
+    "charge.dispute.funds_withdrawn": _dispute,
+    "charge.dispute.funds_reinstated": _dispute,
+    "charge.dispute.closed": _dispute,
+}

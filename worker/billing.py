@@ -1,0 +1,92 @@
+"""Stripe's events on the `maintenance` queue: apply one stored event, and reconcile.
+
+The webhook stores an event and queues `apply_stripe_event` after its commit. A worker
+that dies in between (or a message that is lost) leaves the event unhandled, and the
+reconciliation applies it; so does an event whose apply failed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from models.base import utcnow
+from models.db import session_scope
+from models.stripe_events import (
+    apply_event,
+    cursor_position,
+    move_cursor,
+    record_failure,
+    store_event,
+    unhandled_events,
+)
+from tasktypes import APPLY_STRIPE_EVENT_JOB
+
+from . import runtime
+from .app import app
+from .maintenance import JobReport
+
+log = logging.getLogger(__name__)
+
+CURSOR = "stripe_events"
+# The first reconciliation looks back as far as Stripe retries a delivery; later ones from
+# where the previous one started, less a margin for events listed late.
+FIRST_LOOKBACK = timedelta(days=3)
+OVERLAP = timedelta(minutes=5)
+
+
+@app.task(name=APPLY_STRIPE_EVENT_JOB, ignore_result=True)
+def apply_stripe_event(event_id: str) -> str:
+    return apply_stored(event_id)
+
+
+def apply_stored(event_id: str) -> str:
+    """Apply one stored event; a failure is recorded on the event (attempts, last error),
+    which stays unhandled for the next retry."""
+    try:
+        with session_scope(runtime.sessions()) as session:
+            return apply_event(session, event_id, runtime.billing())
+    except Exception as exc:
+        log.exception("applying Stripe event %s failed", event_id)
+        with session_scope(runtime.sessions()) as session:
+            record_failure(session, event_id, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+@app.task(name="maintenance.reconcile_stripe", ignore_result=True)
+def reconcile_stripe() -> dict[str, int]:
+    """Store the events Stripe has that we never received, then apply every stored event
+    still unhandled (the new ones, and those whose apply failed or whose message was lost)."""
+    stripe = runtime.billing().stripe
+    if stripe is None:
+        return {"fetched": 0, "new": 0, "done": 0, "skipped": 0}
+    started = utcnow()
+    with session_scope(runtime.sessions()) as session:
+        since = cursor_position(session, CURSOR)
+    since = since - OVERLAP if since is not None else started - FIRST_LOOKBACK
+    fetched = new = 0
+    batch: list[dict] = []
+    for event in stripe.list_events(since=since):
+        fetched += 1
+        batch.append(event)
+        if len(batch) == 100:
+            new += _store(batch)
+            batch = []
+    new += _store(batch)
+    with session_scope(runtime.sessions()) as session:
+        move_cursor(session, CURSOR, started)
+        waiting = unhandled_events(session, older_than=timedelta(0))
+    report = JobReport("reconcile")
+    for event_id in waiting:
+        report.run(event_id, lambda event_id=event_id: apply_stored(event_id) != "duplicate")
+    if new:
+        log.warning("reconcile: %d event(s) Stripe sent were never received by the webhook", new)
+    return {"fetched": fetched, "new": new, **report.result()}
+
+
+def _store(events: list[dict]) -> int:
+    if not events:
+        return 0
+    with session_scope(runtime.sessions()) as session:
+        # Applied below, in this job: no message per event.
+        return sum(store_event(session, event, apply=False) for event in events)
