@@ -22,13 +22,19 @@ from settings import Settings
 API_VERSION = stripe.api_version  # what the webhook endpoint must be created with
 
 
+def _provider_error(exc: stripe.StripeError) -> BillingProviderError:
+    if isinstance(exc, stripe.APIConnectionError):
+        return BillingProviderError("Stripe could not be reached; try again")
+    return BillingProviderError(f"Stripe refused the request: {exc.user_message or type(exc).__name__}")
+
+
 def _plain(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs) -> dict[str, Any]:
         try:
             return method(self, *args, **kwargs).to_dict()
         except stripe.StripeError as exc:
-            raise BillingProviderError(f"Stripe: {exc.user_message or exc.__class__.__name__}") from exc
+            raise _provider_error(exc) from exc
 
     return call
 
@@ -87,4 +93,4 @@ class StripeGateway:
             for event in page.auto_paging_iter():
                 yield event.to_dict()
         except stripe.StripeError as exc:
-            raise BillingProviderError(f"Stripe: {exc.user_message or exc.__class__.__name__}") from exc
+            raise _provider_error(exc) from exc

@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [--quick] [--only pipeline,http,media]`: every benchmark in turn.
+"""`make bench` / `python -m bench [--quick] [--only pipeline,http,media,webhook]`: every benchmark in turn.
 
 Each benchmark starts its own servers and processes, prints a table with ratios against
 a baseline measured in the same run, and writes var/bench/<name>.json. Options after the
@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-BENCHMARKS = ("pipeline", "http", "media")
+BENCHMARKS = ("pipeline", "http", "media", "webhook")
 
 
 def _entry_point(module):

@@ -124,9 +124,12 @@ def apply_subscription(session: Session, subscription: Mapping[str, Any], ctx: B
     user = lock_user(session, user.id)
     if record.status in ENDED_STATUSES:
         return _end(session, user, record)
+    # A subscription the user did not hold yet starts with its first paid invoice, which
+    # grants the period; only a change to the one they hold is an upgrade.
+    held = user.stripe_subscription_id == record.id
     if record.status in HELD_STATUSES:
         user.stripe_subscription_id = record.id
-    if record.status in LIVE_STATUSES and record.plan_id is not None:
+    if held and record.status in LIVE_STATUSES and record.plan_id is not None:
         current, offered = get_plan(session, user.plan_id), get_plan(session, record.plan_id)
         if offered.monthly_credits > current.monthly_credits:
             return _upgrade(session, user, record, event_id)
@@ -184,13 +187,17 @@ def apply_invoice_paid(session: Session, invoice: Mapping[str, Any], ctx: Billin
         return "subscription_already_ended"
     lines = (invoice.get("lines") or {}).get("data") or []
     line = next((line for line in lines if ctx.plan_for_price(_price_of(line))), lines[0] if lines else {})
-    plan_id = ctx.plan_for_price(_price_of(line))
-    if plan_id is None and record is not None:
-        plan_id = record.plan_id
-    if plan_id is None and ctx.stripe is not None:
-        plan_id = ctx.plan_for_price(_price_of(_item(ctx.stripe.retrieve_subscription(subscription_id))))
-    if plan_id is None:
+    # The period gets the better of the plan the invoice paid for and the subscription's
+    # plan as last applied: an upgrade applied before this invoice is not undone by it.
+    candidates = [ctx.plan_for_price(_price_of(line))]
+    if record is not None and record.status in HELD_STATUSES:
+        candidates.append(record.plan_id)
+    candidates = [plan for plan in candidates if plan is not None]
+    if not candidates and ctx.stripe is not None:
+        candidates = [ctx.plan_for_price(_price_of(_item(ctx.stripe.retrieve_subscription(subscription_id))))]
+    if not candidates or candidates[0] is None:
         raise LookupError(f"invoice {invoice['id']}: no plan matches its price")
+    plan_id = max(candidates, key=lambda plan: get_plan(session, plan).monthly_credits)
     period = line.get("period") or {}
     start, end = _time(period.get("start") or invoice.get("period_start")), _time(period.get("end"))
 

@@ -290,6 +290,20 @@ class TestRefundsAndDisputes:
         assert user_row(e2e_db, user_id).purchased_credits == 0
         assert_invariants(e2e_db)
 
+    def test_refunds_and_redeliveries_applied_at_once_take_back_exactly_the_refunded_share(
+            self, billing_client, billing_worker, fake, e2e_db, member):
+        headers, user_id = member
+        purchase = paid_purchase(billing_client, fake, e2e_db, headers)
+        charge = fake.charge_of(purchase.payment_intent)["id"]
+        events = [event for amount in (50, 120, 30, 100) for event in fake.refund(charge, amount)]
+        # Every delivery three times, all at once: 300 of 500 cents refunded is 60 credits.
+        at_once(len(events) * 3, lambda i: deliver(billing_client, events[i % len(events)]))
+        settle(e2e_db)
+        refunded = purchase_row(e2e_db, purchase.stripe_session_id)
+        assert (refunded.amount_refunded, refunded.credits_taken_back, refunded.shortfall) == (300, 60, 0)
+        assert user_row(e2e_db, user_id).purchased_credits == 40
+        assert_invariants(e2e_db)
+
     def test_a_refund_then_a_dispute_never_take_more_than_the_grant(self, billing_client, billing_worker, fake,
                                                                     e2e_db, member):
         headers, user_id = member

@@ -71,7 +71,7 @@ class FakeStripe:
         self.prices: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, params)
         self._idempotent: dict[str, tuple[int, dict]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # handlers record events under it too
         self._server: ThreadingHTTPServer | None = None
 
     # --- the server ------------------------------------------------------------------------
