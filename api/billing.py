@@ -13,6 +13,7 @@ import uuid
 
 import falcon
 import stripe
+from pydantic import ValidationError
 
 from models.billing import billing_history, ensure_customer
 from models.errors import BillingNotConfigured, InvalidInput, NoBillingAccount
@@ -182,8 +183,12 @@ class WebhookResource:
             event = json.loads(body)
         except (ValueError, RecursionError):
             raise InvalidInput("The body is not valid JSON", code="invalid_event") from None
-        if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str):
+        if not isinstance(event, dict):
             raise InvalidInput("The body is not a Stripe event", code="invalid_event")
+        try:
+            schemas.StripeEventEnvelope.model_validate(event)
+        except ValidationError as exc:
+            raise InvalidInput.from_validation(exc, event, code="invalid_event") from None
         check_storable(event, code="invalid_event")
         inserted = store_event(req.context.session, event)
         resp.media = media(schemas.WebhookAck(received=True, duplicate=not inserted))

@@ -268,6 +268,17 @@ class PortalOut(Schema):
     url: str
 
 
+class StripeEventEnvelope(BaseModel):
+    """What the webhook reads of a verified body before storing it (the rest is kept as sent)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=255)
+    type: str = Field(min_length=1, max_length=128)
+    created: int | None = Field(None, ge=0, le=2**33)
+    livemode: bool = False
+    data: dict[str, Any]
+
+
 class WebhookAck(Schema):
     received: bool
     duplicate: bool = Field(description="This event id was stored before (a redelivery)")

@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import random
 import statistics
 import threading
@@ -64,7 +65,8 @@ API_VERSION = "2026-10-28.endive"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.webhook", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="N=400 unless -n is given")
-    p.add_argument("-n", "--events", type=int, help="deliveries, a quarter of them re-deliveries (default 2000, 400 with --quick)")
+    p.add_argument("-n", "--events", type=int,
+                   help="deliveries, a quarter of them re-deliveries (default 2000, 400 with --quick)")
     p.add_argument("--clients", type=int, default=8, help="client threads, one keep-alive connection each (default 8)")
     p.add_argument("--concurrency", "-c", type=int, default=2, help="Celery worker -c on `maintenance` (default 2)")
     p.add_argument("--http-workers", type=int, default=2, help="gunicorn -w (default 2)")
@@ -208,7 +210,8 @@ def make_deliveries(n: int, clients: int, seed: int, id_prefix: str = "") -> Del
             not_yet_repeated.append(len(ids) - 1)
             stamp = now
         bodies.append(body)
-        headers.append({"Content-Type": "application/json; charset=utf-8", "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        headers.append({"Content-Type": "application/json; charset=utf-8",
+                        "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
                         "Stripe-Signature": sign(body, SECRET, stamp)})
     return Deliveries(bodies, headers, ids, dup_count)
 
@@ -401,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     sigterm_as_exit()
     n, clients = args.events, args.clients
+    load_at_start = os.getloadavg()[0]
     logs = RESULTS_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     deliveries = make_deliveries(n, clients, args.seed)
@@ -497,7 +501,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" max {check['received_to_handled'].get('max_ms')} ms",
         "CPU ms per delivery while storing: " + ", ".join(
             f"{k} {v}" for k, v in store_cpu.per_item_ms(n).items() if v >= 0.01)
-        + f"; after the last answer (per event): " + ", ".join(
+        + "; after the last answer (per event): " + ", ".join(
             f"{k} {v}" for k, v in tail_cpu.per_item_ms(distinct).items() if v >= 0.01),
         "CPU ms per GET /health: " + ", ".join(f"{k} {v}" for k, v in hl["cpu_ms_per_request"].items() if v >= 0.01),
         f"outcomes: {', '.join(f'{k} {v}' for k, v in check['outcomes'].items())};"
@@ -523,12 +527,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(f"verified: {distinct} rows in stripe_events, all handled, attempts = 1 for every one")
     if {"postgres", "redis"} - set(roots):
         notes.append("servers from BENCH_DATABASE_URL / BENCH_REDIS_URL: their CPU is not counted")
+    if load_at_start > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"the machine was busy before the run (load average {load_at_start:.2f} on {os.cpu_count()} CPUs):"
+                     " other processes took CPU from both measurements")
     print_rows("webhook", rows, params, notes)
     result = {"params": params, "rows": [r.as_dict() for r in rows], "store": s,
-              "store_cpu_ms_per_delivery": store_cpu.per_item_ms(n), "tail_cpu_ms_per_event": tail_cpu.per_item_ms(distinct),
+              "store_cpu_ms_per_delivery": store_cpu.per_item_ms(n),
+              "tail_cpu_ms_per_event": tail_cpu.per_item_ms(distinct),
               "health_runs": health_runs, "applied_after_last_s": round(applied_s, 3),
               "unapplied_at_last_answer": at_last[1], "last_answer_epoch": round(last_answer_wall, 3),
-              "verification": check, "problems": problems, "notes": notes}
+              "verification": check, "problems": problems, "load_at_start": round(load_at_start, 2), "notes": notes}
     write_results("webhook", result)
     return result
 

@@ -106,10 +106,16 @@ def record_failure(session: Session, event_id: str, error: str) -> None:
                     .values(attempts=StripeEvent.attempts + 1, last_error=error[:2000]))
 
 
+# An event that failed this often is left for an operator (its last error says why).
+MAX_ATTEMPTS = 25
+
+
 def unhandled_events(session: Session, *, older_than: timedelta, limit: int = 500) -> list[str]:
-    """Stored events still waiting: their apply failed, or its message was lost."""
+    """Stored events still waiting: their apply failed (fewer than MAX_ATTEMPTS times), or
+    its message was lost."""
     return list(session.scalars(
-        select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.received_at < utcnow() - older_than)
+        select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.received_at < utcnow() - older_than,
+                                     StripeEvent.attempts < MAX_ATTEMPTS)
         .order_by(StripeEvent.received_at).limit(limit)
     ))
 

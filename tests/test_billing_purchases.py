@@ -325,7 +325,7 @@ class TestWebhookRefusals:
         return client.simulate_post("/api/billing/webhook", body=body, headers=headers)
 
     @pytest.mark.parametrize("case", ["bad-signature", "stale", "wrong-secret", "malformed", "missing-header",
-                                      "not-an-event"])
+                                      "not-an-event", "not-utf8", "huge-created", "long-id", "garbage-header"])
     def test_refused_and_nothing_stored(self, billing_client, fake, e2e_db, case):
         event = fake.event("checkout.session.completed", {"id": "cs_nope", "payment_status": "paid"})
         body = json.dumps(event).encode()
@@ -344,6 +344,16 @@ class TestWebhookRefusals:
         elif case == "not-an-event":
             body = b"[1, 2, 3]"
             headers["Stripe-Signature"] = sign(body, SECRET)
+        elif case == "not-utf8":
+            body = b'{"id": "\xff\xfe"}'
+            headers["Stripe-Signature"] = sign(body, SECRET)
+        elif case in ("huge-created", "long-id"):
+            # Signed, so only a leaked secret could send it: still a 400, never a 500.
+            body = json.dumps({**event, "created": 10**30} if case == "huge-created"
+                              else {**event, "id": "evt_" + "x" * 10_000}).encode()
+            headers["Stripe-Signature"] = sign(body, SECRET)
+        elif case == "garbage-header":
+            headers["Stripe-Signature"] = "t=abc,v1=\u00ff,,=="
         result = self._post(billing_client, body, headers)
         assert result.status_code == 400, result.text
         assert set(result.json) >= {"error", "statusCode", "code"} and result.json["statusCode"] == 400
