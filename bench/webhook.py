@@ -315,6 +315,36 @@ def health(base_url: str, n: int, clients: int) -> Run:
     return send_all(base_url, "GET", "/health", [None] * n, [{}] * n, clients)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all processes, all CPUs)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Metered:
+    """CpuMeter over our process trees, plus the CPU the rest of the machine (other people's
+    processes) used meanwhile, as a share of the machine's capacity."""
+
+    def __init__(self, roots: dict[str, int]):
+        self.cpu = CpuMeter(roots)
+        self.others_share = 0.0
+
+    def __enter__(self) -> Metered:
+        self.busy, self.began = machine_busy_seconds(), time.perf_counter()
+        self.cpu.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cpu.__exit__(*exc)
+        elapsed = time.perf_counter() - self.began
+        others = machine_busy_seconds() - self.busy - sum(self.cpu.used.values())
+        self.others_share = max(0.0, others / (elapsed * (os.cpu_count() or 1))) if elapsed > 0 else 0.0
+
+    def per_item_ms(self, items: int) -> dict[str, float]:
+        return self.cpu.per_item_ms(items)
+
+
 # --- the database --------------------------------------------------------------------------
 
 _PROGRESS = text("SELECT count(*), count(*) FILTER (WHERE handled_at IS NULL) FROM stripe_events")
@@ -404,7 +434,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     sigterm_as_exit()
     n, clients = args.events, args.clients
-    load_at_start = os.getloadavg()[0]
     logs = RESULTS_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     deliveries = make_deliveries(n, clients, args.seed)
@@ -449,13 +478,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         health_runs: list[dict[str, Any]] = []
         before = max(1, args.rounds - args.rounds // 2)
         for _ in range(before):
-            with CpuMeter(roots) as cpu:
+            with Metered(roots) as cpu:
                 h = health(base_url, n, clients)
-            health_runs.append({**h.summary(), "cpu_ms_per_request": cpu.per_item_ms(max(h.ok, 1))})
+            health_runs.append({**h.summary(), "cpu_ms_per_request": cpu.per_item_ms(max(h.ok, 1)),
+                                "others_cpu_share": round(cpu.others_share, 3)})
             print(f"webhook: GET /health {h.rate:,.0f} req/s", flush=True)
             time.sleep(0.3)
 
-        with CpuMeter(roots) as store_cpu:
+        with Metered(roots) as store_cpu:
             store = send_all(base_url, "POST", WEBHOOK_PATH, deliveries.bodies, deliveries.headers, clients,
                              expect_ack=True)
         last_answer_wall = time.time() - (time.perf_counter() - store.ended_at)
@@ -471,9 +501,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         for _ in range(args.rounds - before):
             time.sleep(0.3)
-            with CpuMeter(roots) as cpu:
+            with Metered(roots) as cpu:
                 h = health(base_url, n, clients)
-            health_runs.append({**h.summary(), "cpu_ms_per_request": cpu.per_item_ms(max(h.ok, 1))})
+            health_runs.append({**h.summary(), "cpu_ms_per_request": cpu.per_item_ms(max(h.ok, 1)),
+                                "others_cpu_share": round(cpu.others_share, 3)})
             print(f"webhook: GET /health {h.rate:,.0f} req/s", flush=True)
 
     health_rate = statistics.median(r["rate"] for r in health_runs)
@@ -527,16 +558,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append(f"verified: {distinct} rows in stripe_events, all handled, attempts = 1 for every one")
     if {"postgres", "redis"} - set(roots):
         notes.append("servers from BENCH_DATABASE_URL / BENCH_REDIS_URL: their CPU is not counted")
-    if load_at_start > 0.5 * (os.cpu_count() or 1):
-        notes.append(f"the machine was busy before the run (load average {load_at_start:.2f} on {os.cpu_count()} CPUs):"
-                     " other processes took CPU from both measurements")
+    others = [r["others_cpu_share"] for r in health_runs] + [store_cpu.others_share]
+    if max(others) > 0.1:
+        notes.append("other processes on this machine used " + ", ".join(f"{x:.0%}" for x in others[:-1])
+                     + f" of its CPUs during the GET /health rounds and {others[-1]:.0%} during the deliveries:"
+                     " the figures are noisier than on a quiet machine")
     print_rows("webhook", rows, params, notes)
     result = {"params": params, "rows": [r.as_dict() for r in rows], "store": s,
               "store_cpu_ms_per_delivery": store_cpu.per_item_ms(n),
               "tail_cpu_ms_per_event": tail_cpu.per_item_ms(distinct),
               "health_runs": health_runs, "applied_after_last_s": round(applied_s, 3),
               "unapplied_at_last_answer": at_last[1], "last_answer_epoch": round(last_answer_wall, 3),
-              "verification": check, "problems": problems, "load_at_start": round(load_at_start, 2), "notes": notes}
+              "others_cpu_share_store": round(store_cpu.others_share, 3), "verification": check, "problems": problems,
+              "notes": notes}
     write_results("webhook", result)
     return result
 
