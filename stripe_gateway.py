@@ -1,9 +1,10 @@
 """Every call StudioX makes to Stripe, through the official `stripe` library.
 
 Create a customer; create and retrieve Checkout Sessions; retrieve, update and cancel
-subscriptions; create a billing-portal session; list events; retrieve a charge. Nothing
-else. Objects come back as plain dicts (the shape of the pinned API version,
-`stripe._api_version`), the same shape a webhook body carries, so one set of rules in
+subscriptions; create a billing-portal session; list events; retrieve a charge or an
+invoice. Nothing else. Objects come back as plain dicts (the shape of the pinned API version,
+`stripe._api_version`) with JSON types (a decimal field as its string), the same shape a
+webhook body carries, so one set of rules in
 `models/` reads both. A refusal or an unreachable Stripe is a `BillingProviderError` (502).
 """
 
@@ -32,7 +33,7 @@ def _plain(method):
     @functools.wraps(method)
     def call(self, *args, **kwargs) -> dict[str, Any]:
         try:
-            return method(self, *args, **kwargs).to_dict()
+            return method(self, *args, **kwargs).to_dict(for_json=True)
         except stripe.StripeError as exc:
             raise _provider_error(exc) from exc
 
@@ -83,6 +84,11 @@ class StripeGateway:
         return self.client.v1.charges.retrieve(charge_id)
 
     @_plain
+    def retrieve_invoice(self, invoice_id: str):
+        # With its payments: which payment intent paid it.
+        return self.client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]})
+
+    @_plain
     def create_portal_session(self, *, customer: str, return_url: str):
         return self.client.v1.billing_portal.sessions.create(params={"customer": customer, "return_url": return_url})
 
@@ -91,6 +97,6 @@ class StripeGateway:
         try:
             page = self.client.v1.events.list(params={"created": {"gte": int(since.timestamp())}, "limit": 100})
             for event in page.auto_paging_iter():
-                yield event.to_dict()
+                yield event.to_dict(for_json=True)
         except stripe.StripeError as exc:
             raise _provider_error(exc) from exc

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from models.billing import billing_history, ensure_customer
 from models.errors import BillingNotConfigured, InvalidInput, NoBillingAccount
-from models.plans import list_plans
+from models.plans import FREE_PLAN_ID, list_plans
 from models.base import check_storable
 from models.purchases import checkout_params, get_pack, list_packs, record_purchase, sync_checkout, user_purchase
 from models.stripe_events import store_event
@@ -85,6 +85,7 @@ class PurchaseCreditsResource:
         session, user = req.context.session, current_user(req)
         pack = get_pack(session, body.pack)
         customer = ensure_customer(session, user, stripe_api)
+        session.commit()  # the customer is kept; no row stays locked across the next call to Stripe
         checkout = stripe_api.create_checkout_session(
             checkout_params(pack, user, customer, *self.billing.return_urls()),
             idempotency_key=self.billing.idempotency_key(req, user.id, f"purchase:{pack.id}"),
@@ -120,6 +121,9 @@ class UpgradePlanResource:
     def on_post(self, req, resp, body: schemas.UpgradePlanBody) -> None:
         stripe_api = self.billing.gateway()
         session, user = req.context.session, current_user(req)
+        if body.plan_id != FREE_PLAN_ID and user.stripe_subscription_id is None:
+            ensure_customer(session, user, stripe_api)
+            session.commit()  # as for a purchase: no row locked across the Checkout call
         result = request_plan_change(
             session, user, body.plan_id, stripe_api, self.billing.settings.stripe_prices,
             return_urls=self.billing.return_urls(),
@@ -206,7 +210,7 @@ def verify(body: bytes, header: str, secrets: tuple[str, ...]) -> None:
             return
         except stripe.SignatureVerificationError:
             continue
-        except ValueError:  # not UTF-8
+        except (ValueError, TypeError):  # a body that is not UTF-8, a header that is not ASCII
             break
     raise InvalidInput("The Stripe signature does not verify (wrong secret, altered body or stale timestamp)",
                        code="invalid_signature")

@@ -29,6 +29,13 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def stripe_id(value: Any) -> str | None:
+    """An expandable Stripe field: the id whether it came as a string or as an object."""
+    if isinstance(value, dict):
+        return value.get("id")
+    return value
+
+
 def sql_in(column: str, values: tuple[str, ...]) -> str:
     """`column IN ('a', 'b')` for CHECK constraints over a fixed vocabulary."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"

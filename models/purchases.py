@@ -12,15 +12,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Integer, String, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base, sql_in, utcnow
+from .base import Base, sql_in, stripe_id, utcnow
 from .credits import post_entry
 from .errors import PackNotFound, PurchaseNotFound
-from .users import User
+
+if TYPE_CHECKING:
+    from .billing import StripeApi
+from .users import User, user_for_customer
 
 PURCHASE_STATUSES = ("pending", "paid", "failed", "expired")
 PAID_PAYMENT_STATUSES = ("paid", "no_payment_required")
@@ -64,7 +67,9 @@ class Purchase(Base):
         # Invariant 7: what is taken back (or owed) never exceeds what was granted, and a
         # reinstatement never exceeds what its dispute took.
         CheckConstraint("credits_taken_back + shortfall <= credits", name="takes_within_grant"),
-        CheckConstraint("refund_claim + dispute_claim <= credits", name="claims_within_grant"),
+        # A reinstated dispute's claim is over: only an active one counts against the grant.
+        CheckConstraint("refund_claim + CASE WHEN dispute_state = 'reinstated' THEN 0 ELSE dispute_claim END"
+                        " <= credits", name="claims_within_grant"),
         CheckConstraint("dispute_taken <= dispute_claim AND dispute_reinstated <= dispute_taken",
                         name="reinstated_within_taken"),
     )
@@ -176,7 +181,7 @@ def fulfil_checkout(session: Session, checkout: Mapping[str, Any], *, event_id: 
                description=f"Purchased {purchase.credits} credits")
     purchase.status = "paid"
     purchase.paid_at = utcnow()
-    purchase.payment_intent = _id(checkout.get("payment_intent"))
+    purchase.payment_intent = stripe_id(checkout.get("payment_intent"))
     purchase.amount_paid = checkout.get("amount_total")
     purchase.currency = checkout.get("currency")
     session.flush()
@@ -197,10 +202,11 @@ def close_checkout(session: Session, checkout: Mapping[str, Any], status: str) -
 
 # --- refunds and disputes ------------------------------------------------------------------------
 
-def apply_refund(session: Session, charge: Mapping[str, Any], *, event_id: str | None = None) -> str:
+def apply_refund(session: Session, charge: Mapping[str, Any], *, stripe: StripeApi | None = None,
+                 event_id: str | None = None) -> str:
     """A charge's refunds (cumulative `amount_refunded`) take back their share of the pack:
     floor(credits * refunded / paid) in all, so a second partial refund takes only the new part."""
-    purchase = session.scalar(_LOCK_BY_INTENT, {"key": _id(charge.get("payment_intent"))})
+    purchase = _purchase_paid_by(session, stripe_id(charge.get("payment_intent")), charge.get("customer"), stripe)
     if purchase is None or purchase.status != "paid":
         return "not_a_purchase"
     refunded = int(charge.get("amount_refunded") or 0)
@@ -219,12 +225,16 @@ def apply_refund(session: Session, charge: Mapping[str, Any], *, event_id: str |
     return "credits_taken_back" if taken else "refund_after_spending"
 
 
-def apply_dispute(session: Session, dispute: Mapping[str, Any], *, event_type: str, event_id: str | None = None
-                  ) -> str | None:
+def apply_dispute(session: Session, dispute: Mapping[str, Any], *, event_type: str, stripe: StripeApi | None = None,
+                  event_id: str | None = None) -> str | None:
     """A dispute on a credit purchase: opened (or funds withdrawn) takes the disputed share
     back; reinstated funds (or a dispute closed as won) give back exactly what it took;
     lost is final. None when the disputed payment is not a credit purchase."""
-    purchase = session.scalar(_LOCK_BY_INTENT, {"key": _id(dispute.get("payment_intent"))})
+    intent = stripe_id(dispute.get("payment_intent"))
+    purchase = session.scalar(_LOCK_BY_INTENT, {"key": intent}) if intent else None
+    if purchase is None and stripe is not None and dispute.get("charge"):
+        customer = stripe.retrieve_charge(stripe_id(dispute["charge"])).get("customer")
+        purchase = _purchase_paid_by(session, intent, customer, stripe)
     if purchase is None:
         return None
     if purchase.status != "paid":
@@ -242,6 +252,33 @@ def apply_dispute(session: Session, dispute: Mapping[str, Any], *, event_type: s
         outcome = _claim_dispute(session, purchase, dispute, event_id)
         return outcome if outcome != "dispute_already_applied" else "dispute_lost"
     return _claim_dispute(session, purchase, dispute, event_id)
+
+
+def _purchase_paid_by(session: Session, intent: str | None, customer: Any, stripe: StripeApi | None
+                      ) -> Purchase | None:
+    """The credit purchase a payment intent paid for, locked.
+
+    A refund or a dispute can overtake the event of the payment itself (Stripe does not
+    promise an order). Then the payer's pending purchases are looked up in Stripe: the one
+    whose session this intent paid is fulfilled first, by the same rule as its own event,
+    so what the refund takes back was granted and nothing is lost.
+    """
+    if not intent:
+        return None
+    purchase = session.scalar(_LOCK_BY_INTENT, {"key": intent})
+    if purchase is not None or stripe is None:
+        return purchase
+    user = user_for_customer(session, customer)
+    if user is None:
+        return None
+    pending = session.scalars(select(Purchase.stripe_session_id).where(
+        Purchase.user_id == user.id, Purchase.status == "pending").order_by(Purchase.created_at.desc()).limit(5))
+    for session_id in list(pending):
+        checkout = stripe.retrieve_checkout_session(session_id)
+        if stripe_id(checkout.get("payment_intent")) == intent:
+            fulfil_checkout(session, checkout)
+            return session.scalar(_LOCK_BY_INTENT, {"key": intent})
+    return None
 
 
 def _claim_dispute(session: Session, purchase: Purchase, dispute: Mapping[str, Any], event_id: str | None) -> str:
@@ -300,10 +337,3 @@ def _share(purchase: Purchase, amount: int) -> int:
 
 def _active_dispute_claim(purchase: Purchase) -> int:
     return 0 if purchase.dispute_state == "reinstated" else purchase.dispute_claim
-
-
-def _id(value: Any) -> str | None:
-    """An expandable Stripe field: the id whether it came as a string or an object."""
-    if isinstance(value, Mapping):
-        return value.get("id")
-    return value

@@ -19,11 +19,12 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from tasktypes import APPLY_STRIPE_EVENT_JOB
 
-from .base import Base, utcnow
+from .base import Base, stripe_id, utcnow
 from .billing import BillingContext
 from .db import enqueue_after_commit
-from .purchases import _id, apply_dispute, apply_refund, close_checkout, fulfil_checkout
-from .subscriptions import apply_invoice_paid, apply_subscription, user_for_customer
+from .purchases import apply_dispute, apply_refund, close_checkout, fulfil_checkout
+from .subscriptions import apply_invoice_paid, apply_subscription, subscription_paid_by
+from .users import user_for_customer
 
 
 class StripeEvent(Base):
@@ -116,7 +117,8 @@ def unhandled_events(session: Session, *, older_than: timedelta, limit: int = 50
     return list(session.scalars(
         select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.received_at < utcnow() - older_than,
                                      StripeEvent.attempts < MAX_ATTEMPTS)
-        .order_by(StripeEvent.received_at).limit(limit)
+        # In Stripe's order: a payment's event before its refund's.
+        .order_by(StripeEvent.created.nulls_last(), StripeEvent.received_at).limit(limit)
     ))
 
 
@@ -146,7 +148,7 @@ def _checkout_completed(session: Session, event, ctx: BillingContext) -> str:
 
 def _link_customer(session: Session, checkout: Mapping[str, Any]) -> None:
     user = user_for_customer(session, None, {"user_id": checkout.get("client_reference_id")})
-    customer = _id(checkout.get("customer"))
+    customer = stripe_id(checkout.get("customer"))
     if user is not None and customer and user.stripe_customer_id is None:
         user.stripe_customer_id = customer
 
@@ -160,31 +162,39 @@ def _subscription(deleted: bool) -> Callable:
 
 
 def _charge_refunded(session: Session, event, ctx: BillingContext) -> str:
-    return apply_refund(session, _object(event), event_id=event["id"])
+    return apply_refund(session, _object(event), stripe=ctx.stripe, event_id=event["id"])
 
 
 def _refund(session: Session, event, ctx: BillingContext) -> str:
-    # A refund names its charge; the charge's cumulative amount refunded decides.
+    # A refund names its charge; the charge's cumulative amount refunded decides (and its
+    # own `charge.refunded` event carries the same, for a refund without a charge id).
     refund = _object(event)
-    if refund.get("status") != "succeeded" or ctx.stripe is None:
-        return "refund_pending"
-    return apply_refund(session, ctx.stripe.retrieve_charge(_id(refund["charge"])), event_id=event["id"])
+    if refund.get("status") != "succeeded" or not refund.get("charge") or ctx.stripe is None:
+        return "refund_not_succeeded"
+    charge = ctx.stripe.retrieve_charge(stripe_id(refund["charge"]))
+    return apply_refund(session, charge, stripe=ctx.stripe, event_id=event["id"])
 
 
 def _dispute(session: Session, event, ctx: BillingContext) -> str:
     dispute = _object(event)
-    outcome = apply_dispute(session, dispute, event_type=event["type"], event_id=event["id"])
+    outcome = apply_dispute(session, dispute, event_type=event["type"], stripe=ctx.stripe, event_id=event["id"])
     if outcome is not None:
         return outcome
-    if event["type"] != "charge.dispute.created" or ctx.stripe is None:
+    if event["type"] != "charge.dispute.created" or ctx.stripe is None or not dispute.get("charge"):
         return "not_a_purchase"
-    # A dispute on a subscription payment cancels the subscription (its own deleted event
-    # then moves the user to free).
-    charge = ctx.stripe.retrieve_charge(_id(dispute["charge"]))
+    # A dispute on a subscription payment (positively: one of the user's paid invoices was
+    # paid by it) cancels that subscription, if it is still theirs; its deleted event then
+    # moves them to free.
+    charge = ctx.stripe.retrieve_charge(stripe_id(dispute["charge"]))
     user = user_for_customer(session, charge.get("customer"))
-    if user is None or user.stripe_subscription_id is None:
+    if user is None:
         return "not_a_purchase"
-    ctx.stripe.cancel_subscription(user.stripe_subscription_id)
+    subscription_id = subscription_paid_by(session, user, stripe_id(dispute.get("payment_intent")), ctx.stripe)
+    if subscription_id is None:
+        return "not_a_purchase"
+    if subscription_id != user.stripe_subscription_id:
+        return "subscription_already_ended"
+    ctx.stripe.cancel_subscription(subscription_id)
     return "subscription_cancelled"
 
 

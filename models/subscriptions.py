@@ -22,13 +22,12 @@ from sqlalchemy import Boolean, ForeignKey, String, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base, utcnow
+from .base import Base, stripe_id, utcnow
 from .billing import BillingContext, StripeApi, ensure_customer, record_plan_change
 from .errors import NoSubscription, PlanNotPurchasable
 from .credits import Transaction, post_entry
 from .plans import FREE_PLAN_ID, get_plan
-from .purchases import _id
-from .users import User, lock_user
+from .users import User, lock_user, user_for_customer
 
 LIVE_STATUSES = ("active", "trialing")
 # A subscription in these states is still the user's (past_due and unpaid get no new
@@ -59,21 +58,6 @@ def _time(epoch: Any) -> datetime | None:
     return datetime.fromtimestamp(int(epoch), timezone.utc) if epoch is not None else None
 
 
-def user_for_customer(session: Session, customer: Any, metadata: Mapping[str, Any] | None = None) -> User | None:
-    customer_id = _id(customer)
-    if customer_id:
-        user = session.scalar(select(User).where(User.stripe_customer_id == customer_id))
-        if user is not None:
-            return user
-    user_id = (metadata or {}).get("user_id")
-    if user_id:
-        try:
-            return session.get(User, uuid.UUID(str(user_id)))
-        except ValueError:
-            return None
-    return None
-
-
 def _item(subscription: Mapping[str, Any]) -> Mapping[str, Any]:
     items = (subscription.get("items") or {}).get("data") or [{}]
     return items[0]
@@ -83,9 +67,9 @@ def _price_of(node: Mapping[str, Any]) -> str | None:
     """The price id of a subscription item or an invoice line, across API shapes."""
     price = node.get("price")
     if price:
-        return _id(price)
+        return stripe_id(price)
     details = ((node.get("pricing") or {}).get("price_details") or {})
-    return _id(details.get("price"))
+    return stripe_id(details.get("price"))
 
 
 def _lock_record(session: Session, subscription_id: str, user: User, status: str) -> Subscription:
@@ -177,27 +161,29 @@ def apply_invoice_paid(session: Session, invoice: Mapping[str, Any], ctx: Billin
         return "proration_ignored"  # an upgrade's top-up is all it grants
     if reason not in ("subscription_create", "subscription_cycle"):
         return "ignored"
-    subscription_id = _id(invoice.get("subscription")) or _id(
+    subscription_id = stripe_id(invoice.get("subscription")) or stripe_id(
         ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
     user = user_for_customer(session, invoice.get("customer"))
     if user is None or subscription_id is None:
         return "unknown_customer"
-    record = session.get(Subscription, subscription_id)
+    # Under the subscription's lock (before the user's, the order every rule takes), so an
+    # upgrade or the end applied concurrently is seen, not overwritten.
+    record = session.scalar(select(Subscription).where(Subscription.id == subscription_id).with_for_update()
+                            .execution_options(populate_existing=True))
     if record is not None and record.status in ENDED_STATUSES:
         return "subscription_already_ended"
-    lines = (invoice.get("lines") or {}).get("data") or []
+    # The period's line: the subscription's own, not a proration of an earlier change.
+    lines = [line for line in (invoice.get("lines") or {}).get("data") or [] if not _is_proration(line)]
     line = next((line for line in lines if ctx.plan_for_price(_price_of(line))), lines[0] if lines else {})
-    # The period gets the better of the plan the invoice paid for and the subscription's
-    # plan as last applied: an upgrade applied before this invoice is not undone by it.
-    candidates = [ctx.plan_for_price(_price_of(line))]
-    if record is not None and record.status in HELD_STATUSES:
-        candidates.append(record.plan_id)
-    candidates = [plan for plan in candidates if plan is not None]
-    if not candidates and ctx.stripe is not None:
-        candidates = [ctx.plan_for_price(_price_of(_item(ctx.stripe.retrieve_subscription(subscription_id))))]
-    if not candidates or candidates[0] is None:
+    plan_id = ctx.plan_for_price(_price_of(line))
+    issued = _time(invoice.get("created"))
+    if record is not None and record.plan_id and record.status in HELD_STATUSES and (
+            plan_id is None or issued is None or (record.state_as_of is not None and record.state_as_of >= issued)):
+        plan_id = record.plan_id  # a change applied after the invoice was issued is the truth
+    if plan_id is None and ctx.stripe is not None:
+        plan_id = ctx.plan_for_price(_price_of(_item(ctx.stripe.retrieve_subscription(subscription_id))))
+    if plan_id is None:
         raise LookupError(f"invoice {invoice['id']}: no plan matches its price")
-    plan_id = max(candidates, key=lambda plan: get_plan(session, plan).monthly_credits)
     period = line.get("period") or {}
     start, end = _time(period.get("start") or invoice.get("period_start")), _time(period.get("end"))
 
@@ -222,6 +208,28 @@ def apply_invoice_paid(session: Session, invoice: Mapping[str, Any], ctx: Billin
         user.credit_reset_at = end
     session.flush()
     return "period_started"
+
+
+def _is_proration(line: Mapping[str, Any]) -> bool:
+    details = (line.get("parent") or {}).get("subscription_item_details") or {}
+    return bool(details.get("proration") or line.get("proration"))
+
+
+def subscription_paid_by(session: Session, user: User, intent: str | None, stripe: StripeApi) -> str | None:
+    """The subscription whose paid invoice `intent` paid, among the user's recent paid
+    periods (read from Stripe with their payments); None if it paid none of them."""
+    if not intent:
+        return None
+    invoices = session.scalars(select(Transaction.stripe_object_id).where(
+        Transaction.user_id == user.id, Transaction.type == "monthly_reset", Transaction.stripe_object_id.is_not(None))
+        .order_by(Transaction.id.desc()).limit(13))
+    for invoice_id in list(invoices):
+        invoice = stripe.retrieve_invoice(invoice_id)
+        payments = (invoice.get("payments") or {}).get("data") or []
+        if any(stripe_id((p.get("payment") or {}).get("payment_intent")) == intent for p in payments):
+            return stripe_id(invoice.get("subscription")) or stripe_id(
+                ((invoice.get("parent") or {}).get("subscription_details") or {}).get("subscription"))
+    return None
 
 
 def _entry_exists(session: Session, type: str, stripe_object_id: str) -> bool:
@@ -273,11 +281,14 @@ def request_plan_change(session: Session, user: User, plan_id: str, stripe: Stri
     item = _item(subscription)
     if _price_of(item) == price and not subscription.get("cancel_at_period_end"):
         return _answer("unchanged", target.id, "unchanged", f"You are already on the {target.name} plan.")
+    upgrade = target.monthly_credits > current.monthly_credits
+    # An upgrade is invoiced (prorated) at once, as its credits come at once; a downgrade
+    # starts with the next period, so nothing is prorated back.
     stripe.update_subscription(user.stripe_subscription_id, {
         "items": [{"id": item["id"], "price": price}], "cancel_at_period_end": False,
-        "proration_behavior": "create_prorations",
+        "proration_behavior": "always_invoice" if upgrade else "none",
     }, idempotency_key=idempotency_key)
-    if target.monthly_credits > current.monthly_credits:
+    if upgrade:
         return _answer("subscription_updated", target.id, "now",
                        f"Upgrading to {target.name}: your plan credits are topped up as soon as Stripe confirms.")
     return _answer("subscription_updated", target.id, "period_end",

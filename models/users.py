@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import CheckConstraint, Computed, ForeignKey, Integer, String, bindparam, func, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .base import Base, utcnow
+from .base import Base, stripe_id, utcnow
 from .errors import UserNotFound
 
 
@@ -44,6 +46,22 @@ def get_user(session: Session, clerk_id: str) -> User:
     if user is None:
         raise UserNotFound()
     return user
+
+
+def user_for_customer(session: Session, customer: Any, metadata: Mapping[str, Any] | None = None) -> User | None:
+    """The user of a Stripe customer (or, failing that, the user id we put in metadata)."""
+    customer_id = stripe_id(customer)
+    if customer_id:
+        user = session.scalar(select(User).where(User.stripe_customer_id == customer_id))
+        if user is not None:
+            return user
+    user_id = (metadata or {}).get("user_id")
+    if user_id:
+        try:
+            return session.get(User, uuid.UUID(str(user_id)))
+        except ValueError:
+            return None
+    return None
 
 
 def lock_user(session: Session, user_id: uuid.UUID) -> User:

@@ -304,6 +304,24 @@ class TestRefundsAndDisputes:
         assert user_row(e2e_db, user_id).purchased_credits == 40
         assert_invariants(e2e_db)
 
+    def test_a_refund_that_overtakes_the_payments_event_is_not_lost(self, billing_client, billing_worker, fake,
+                                                                     e2e_db, member):
+        headers, user_id = member
+        checkout = buy(billing_client, headers)
+        completed = fake.pay_session(checkout["sessionId"])
+        charge = fake.charge_of(fake.sessions[checkout["sessionId"]]["payment_intent"])["id"]
+        refunded = fake.refund(charge, 500)[1]
+        deliver(billing_client, refunded)  # before the payment's own event
+        settle(e2e_db)
+        assert outcome(e2e_db, refunded["id"]) == "credits_taken_back"
+        deliver(billing_client, completed)
+        settle(e2e_db)
+        assert outcome(e2e_db, completed["id"]) == "already_fulfilled"
+        purchase = purchase_row(e2e_db, checkout["sessionId"])
+        assert (purchase.status, purchase.credits_taken_back) == ("paid", 100)
+        assert user_row(e2e_db, user_id).purchased_credits == 0
+        assert_invariants(e2e_db)
+
     def test_a_refund_then_a_dispute_never_take_more_than_the_grant(self, billing_client, billing_worker, fake,
                                                                     e2e_db, member):
         headers, user_id = member
@@ -325,7 +343,8 @@ class TestWebhookRefusals:
         return client.simulate_post("/api/billing/webhook", body=body, headers=headers)
 
     @pytest.mark.parametrize("case", ["bad-signature", "stale", "wrong-secret", "malformed", "missing-header",
-                                      "not-an-event", "not-utf8", "huge-created", "long-id", "garbage-header"])
+                                      "not-an-event", "not-utf8", "huge-created", "long-id", "garbage-header",
+                                      "non-ascii-signature"])
     def test_refused_and_nothing_stored(self, billing_client, fake, e2e_db, case):
         event = fake.event("checkout.session.completed", {"id": "cs_nope", "payment_status": "paid"})
         body = json.dumps(event).encode()
@@ -352,6 +371,8 @@ class TestWebhookRefusals:
             body = json.dumps({**event, "created": 10**30} if case == "huge-created"
                               else {**event, "id": "evt_" + "x" * 10_000}).encode()
             headers["Stripe-Signature"] = sign(body, SECRET)
+        elif case == "non-ascii-signature":
+            headers["Stripe-Signature"] = f"t={int(time.time())},v1=\u00e9"
         elif case == "garbage-header":
             headers["Stripe-Signature"] = "t=abc,v1=\u00ff,,=="
         result = self._post(billing_client, body, headers)
@@ -418,6 +439,21 @@ class TestReconciliation:
         billing_queue.celery.send_task("maintenance.reconcile_stripe")
         wait_for(lambda: outcome(e2e_db, lost["id"]) == "credits_granted", 30, message="the lost event applied")
         assert user_row(e2e_db, user_id).purchased_credits == 100
+        assert_invariants(e2e_db)
+
+    def test_a_whole_subscription_never_delivered_is_applied_in_stripes_order(self, billing_client, billing_worker,
+                                                                             billing_queue, fake, e2e_db, member):
+        headers, user_id = member
+        answer = billing_client.simulate_post("/api/billing/upgrade-plan", json={"planId": "pro"}, headers=headers)
+        fake.subscribe(answer.json["sessionId"])  # created, invoice paid, completed: none delivered
+        billing_queue.celery.send_task("maintenance.reconcile_stripe")
+
+        def subscribed():
+            user = user_row(e2e_db, user_id)
+            return user.plan_id == "pro" and user.plan_credits == 500
+
+        wait_for(subscribed, 30, message="the subscription applied from Stripe's event list")
+        settle(e2e_db)
         assert_invariants(e2e_db)
 
     def test_an_event_that_fails_to_apply_is_applied_by_the_retry(self, billing_client, billing_worker,

@@ -95,11 +95,32 @@ class TestRulesReachedTwice:
         session.refresh(buyer)
         assert buyer.purchased_credits == 100
 
+    def test_a_refund_after_a_won_dispute_takes_its_share(self, session, buyer):
+        paid(session, buyer)
+        dispute = {"id": "dp_won", "payment_intent": "pi_rules", "amount": 500, "status": "needs_response"}
+        apply_dispute(session, dispute, event_type="charge.dispute.created")
+        apply_dispute(session, {**dispute, "status": "won"}, event_type="charge.dispute.closed")
+        assert apply_refund(session, {"id": "ch_rules", "payment_intent": "pi_rules", "amount": 500,
+                                      "amount_refunded": 500}) == "credits_taken_back"
+        session.refresh(buyer)
+        assert buyer.purchased_credits == 0
+
     def test_a_refund_share_rounds_down(self, session, buyer):
         paid(session, buyer)
         apply_refund(session, {"id": "ch_rules", "payment_intent": "pi_rules", "amount": 500, "amount_refunded": 333})
         session.refresh(buyer)
         assert buyer.purchased_credits == 100 - 66  # floor(100 * 333 / 500)
+
+
+class TestRenewalInvoices:
+    def test_the_period_comes_from_the_subscription_line_not_a_proration(self, session, buyer):
+        renewal = invoice(buyer, price="price_pro")
+        proration = {**renewal["lines"]["data"][0], "pricing": {"price_details": {"price": "price_enterprise"}},
+                     "parent": {"subscription_item_details": {"proration": True}}}
+        renewal["lines"]["data"].insert(0, proration)  # "unused time on Enterprise" first
+        assert apply_invoice_paid(session, renewal, CTX) == "period_started"
+        session.refresh(buyer)
+        assert (buyer.plan_id, buyer.plan_credits) == ("pro", 500)
 
 
 class TestSubscriptionOrder:

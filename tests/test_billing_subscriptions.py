@@ -93,6 +93,9 @@ class TestSubscriptionLife:
         assert answer["action"] == "subscription_updated" and answer["effective"] == "now"
         upgrade = new_events(fake, mark)
         assert [e["type"] for e in upgrade] == ["customer.subscription.updated", "invoice.paid"]
+        update_call = [params for method, path, params in fake.requests if path == f"/v1/subscriptions/{sub_id}"
+                       and method == "POST"][-1]
+        assert update_call["proration_behavior"] == "always_invoice"  # the upgrade is paid for at once
         deliver_all(billing_client, e2e_db, upgrade + upgrade)
         user = user_row(e2e_db, user_id)
         assert (user.plan_id, user.plan_credits) == ("enterprise", 5000)

@@ -84,7 +84,7 @@ def upgrade() -> None:
     sa.CheckConstraint('credits > 0', name=op.f('ck_purchases_credits_positive')),
     sa.CheckConstraint('credits_taken_back + shortfall <= credits', name=op.f('ck_purchases_takes_within_grant')),
     sa.CheckConstraint('dispute_taken <= dispute_claim AND dispute_reinstated <= dispute_taken', name=op.f('ck_purchases_reinstated_within_taken')),
-    sa.CheckConstraint('refund_claim + dispute_claim <= credits', name=op.f('ck_purchases_claims_within_grant')),
+    sa.CheckConstraint("refund_claim + CASE WHEN dispute_state = 'reinstated' THEN 0 ELSE dispute_claim END <= credits", name=op.f('ck_purchases_claims_within_grant')),
     sa.ForeignKeyConstraint(['pack_id'], ['credit_packs.id'], name=op.f('fk_purchases_pack_id_credit_packs')),
     sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_purchases_user_id_users')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_purchases')),

@@ -245,7 +245,7 @@ class FakeStripe:
                "cancel_at_period_end": False, "livemode": False, "created": now,
                "metadata": (session.get("subscription_data") or {}).get("metadata", {}),
                "items": {"object": "list", "data": [{"id": new_id("si"), "object": "subscription_item",
-                                                     "price": {"id": price, "object": "price"}, "quantity": 1,
+                                                     "price": self._price(price), "quantity": 1,
                                                      "current_period_start": now,
                                                      "current_period_end": now + self.PERIOD}]}}
         self.subscriptions[sub_id] = sub
@@ -264,26 +264,43 @@ class FakeStripe:
         invoice = {
             "id": invoice_id, "object": "invoice", "customer": sub["customer"], "billing_reason": reason,
             "status": "paid" if paid else "open", "amount_paid": amount if paid else 0, "amount_due": amount,
-            "currency": "usd", "livemode": False,
+            "currency": "usd", "livemode": False, "created": int(time.time()),
             "parent": {"type": "subscription_details", "subscription_details": {"subscription": sub["id"]}},
             "lines": {"object": "list", "data": [{
                 "id": new_id("il"), "object": "line_item", "amount": amount,
                 "period": {"start": item["current_period_start"], "end": item["current_period_end"]},
-                "pricing": {"type": "price_details", "price_details": {"price": price, "product": "prod_x"}},
+                "pricing": {"type": "price_details", "price_details": {"price": price, "product": "prod_x"},
+                            "unit_amount_decimal": str(amount)},
+                "parent": {"type": "subscription_item_details", "subscription_item_details": {
+                    "subscription": sub["id"], "subscription_item": item["id"],
+                    "proration": reason == "subscription_update"}},
             }]},
+            "payments": {"object": "list", "data": []},
         }
         self.invoices[invoice_id] = invoice
         if paid:
-            self._charge(new_id("pi"), amount, "usd", sub["customer"])
+            self._pay(invoice)
             return self.event("invoice.paid", invoice)
         return self.event("invoice.payment_failed", invoice)
+
+    def _pay(self, invoice: dict) -> None:
+        intent = new_id("pi")
+        self._charge(intent, invoice["amount_due"], "usd", invoice["customer"])
+        invoice["payments"]["data"].append({"object": "invoice_payment", "payment": {
+            "type": "payment_intent", "payment_intent": intent}, "status": "paid"})
+
+    def _price(self, price_id: str) -> dict:
+        # `unit_amount_decimal` is a decimal the library parses as one, as Stripe sends it.
+        amount = self.prices.get(price_id, 0)
+        return {"id": price_id, "object": "price", "unit_amount": amount, "unit_amount_decimal": str(amount),
+                "currency": "usd", "recurring": {"interval": "month", "interval_count": 1}}
 
     def _update_subscription(self, sub_id: str, params: dict) -> dict:
         sub = self.subscriptions[sub_id]
         item = sub["items"]["data"][0]
         old_price = item["price"]["id"]
         for change in params.get("items") or []:
-            item["price"] = {"id": change["price"], "object": "price"}
+            item["price"] = self._price(change["price"])
         if "cancel_at_period_end" in params:
             sub["cancel_at_period_end"] = params["cancel_at_period_end"] in ("true", True)
         self.event("customer.subscription.updated", sub)
@@ -317,6 +334,7 @@ class FakeStripe:
         """A failed invoice is paid late: the subscription is active again."""
         invoice = self.invoices[invoice_id]
         invoice.update(status="paid", amount_paid=invoice["amount_due"])
+        self._pay(invoice)
         sub = self.subscriptions[invoice["parent"]["subscription_details"]["subscription"]]
         sub["status"] = "active"
         return [self.event("invoice.paid", invoice), self.event("customer.subscription.updated", sub)]
