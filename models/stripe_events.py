@@ -9,7 +9,7 @@ apply failed stays unhandled, with its attempts and last error, for the next ret
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -17,7 +17,7 @@ from sqlalchemy import Boolean, Index, Integer, String, Text, bindparam, func, s
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from tasktypes import APPLY_STRIPE_EVENT_JOB
+from tasktypes import APPLY_STRIPE_EVENTS_JOB
 
 from .base import Base, stripe_id, utcnow
 from .billing import BillingContext
@@ -59,18 +59,19 @@ class SyncCursor(Base):
 
 
 _STORE = (
-    insert(StripeEvent)
+    insert(StripeEvent.__table__)
     .values(id=bindparam("id"), type=bindparam("type"), payload=bindparam("payload", type_=JSONB),
             livemode=bindparam("livemode"), created=bindparam("created"), received_at=bindparam("received_at"))
-    .on_conflict_do_nothing(index_elements=[StripeEvent.id])
-    .returning(StripeEvent.id)
+    .on_conflict_do_nothing(index_elements=[StripeEvent.__table__.c.id])
+    .returning(StripeEvent.__table__.c.id)
 )
 _HANDLED = select(StripeEvent.handled_at).where(StripeEvent.id == bindparam("id"))
 
 
 def store_event(session: Session, event: Mapping[str, Any], *, apply: bool = True) -> bool:
     """Store a verified event unless its id is known; True if it is new. Unless it was
-    already handled, its apply job is queued to go out after the caller commits."""
+    already handled, the apply job is queued to go out after the caller commits (the
+    sender coalesces it: one job applies every event stored before it runs)."""
     created = event.get("created")
     inserted = session.scalar(_STORE, {
         "id": event["id"], "type": event["type"], "payload": dict(event), "livemode": bool(event.get("livemode")),
@@ -78,7 +79,7 @@ def store_event(session: Session, event: Mapping[str, Any], *, apply: bool = Tru
         "received_at": utcnow(),
     }) is not None
     if apply and (inserted or session.scalar(_HANDLED, {"id": event["id"]}) is None):
-        enqueue_after_commit(session, APPLY_STRIPE_EVENT_JOB, event["id"])
+        enqueue_after_commit(session, APPLY_STRIPE_EVENTS_JOB, "")
     return inserted
 
 
@@ -111,12 +112,17 @@ def record_failure(session: Session, event_id: str, error: str) -> None:
 MAX_ATTEMPTS = 25
 
 
-def unhandled_events(session: Session, *, older_than: timedelta, limit: int = 500) -> list[str]:
-    """Stored events still waiting: their apply failed (fewer than MAX_ATTEMPTS times), or
-    its message was lost."""
+def unhandled_events(session: Session, *, older_than: timedelta = timedelta(0), limit: int = 500,
+                     exclude: Collection[str] = ()) -> list[str]:
+    """Stored events still waiting (their apply failed fewer than MAX_ATTEMPTS times, or has
+    not run yet), except those in `exclude`."""
+    query = select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.attempts < MAX_ATTEMPTS)
+    if older_than:
+        query = query.where(StripeEvent.received_at < utcnow() - older_than)
+    if exclude:
+        query = query.where(StripeEvent.id.not_in(list(exclude)))
     return list(session.scalars(
-        select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.received_at < utcnow() - older_than,
-                                     StripeEvent.attempts < MAX_ATTEMPTS)
+        query
         # In Stripe's order: a payment's event before its refund's.
         .order_by(StripeEvent.created.nulls_last(), StripeEvent.received_at).limit(limit)
     ))

@@ -18,8 +18,9 @@ from .inputs import MAX_VIDEO_IMAGES
 from .params import AnalysisParams, EditParams, VideoParams
 
 MAINTENANCE_QUEUE = "maintenance"
-# The maintenance job that applies one stored Stripe event (its argument is the event id).
-APPLY_STRIPE_EVENT_JOB = "maintenance.apply_stripe_event"
+# The maintenance job that applies the stored Stripe events not yet handled. Senders
+# coalesce it (one message covers every event stored before it runs).
+APPLY_STRIPE_EVENTS_JOB = "maintenance.apply_stripe_events"
 
 
 @dataclass(frozen=True)

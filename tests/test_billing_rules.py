@@ -148,3 +148,25 @@ class TestSubscriptionOrder:
         # A late invoice of the ended subscription starts nothing.
         assert apply_invoice_paid(session, invoice(buyer, "in_late", sub="sub_order"), CTX) == \
             "subscription_already_ended"
+
+
+class TestCoalescedApplyJob:
+    """The webhook's apply job is coalesced by the sender: a burst of stored events costs one
+    message, and a commit after that message is due gets a new one (nothing is left behind)."""
+
+    def test_a_burst_sends_one_job_and_a_later_commit_another(self, settings):
+        import redis
+
+        from tasktypes import APPLY_STRIPE_EVENTS_JOB
+        from tests.support.env import isolated_broker
+        from worker.queue import TaskQueue, create_celery
+
+        isolated = isolated_broker(settings, 6)
+        queue = TaskQueue(create_celery(isolated))
+        broker = redis.Redis.from_url(isolated.broker_url)
+        for _ in range(50):
+            queue.send(APPLY_STRIPE_EVENTS_JOB, "")
+        assert broker.llen("maintenance") == 1
+        time.sleep(TaskQueue.COALESCE_SECONDS * 1.5)
+        queue.send(APPLY_STRIPE_EVENTS_JOB, "")
+        assert broker.llen("maintenance") == 2

@@ -162,7 +162,8 @@ class TestSubscriptionLife:
         # Stripe's clock: created is older than updated.
         created["created"] = updated["created"] - 5
         paid["created"] = created["created"]
-        deliver_all(billing_client, e2e_db, [updated, completed, proration, created, paid])
+        deliver_all(billing_client, e2e_db, [updated, completed, proration])
+        deliver_all(billing_client, e2e_db, [created, paid])  # applied after updated, though older
         assert outcome(e2e_db, created["id"]) == "stale"
         with e2e_db() as s:
             record = s.get(Subscription, sub_id)

@@ -1,8 +1,10 @@
-"""Stripe's events on the `maintenance` queue: apply one stored event, and reconcile.
+"""Stripe's events on the `maintenance` queue: apply the stored events, and reconcile.
 
-The webhook stores an event and queues `apply_stripe_event` after its commit. A worker
-that dies in between (or a message that is lost) leaves the event unhandled, and the
-reconciliation applies it; so does an event whose apply failed.
+The webhook stores an event and, after its commit, queues `apply_stripe_events`, which
+applies every stored event not yet handled, in Stripe's order. The sender coalesces that
+job (`worker.queue.TaskQueue`), so a burst of deliveries costs a few messages, not one
+each. A worker that dies in between (or a message that is lost) leaves events unhandled,
+and the reconciliation applies them; so does an event whose apply failed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from models.stripe_events import (
     store_event,
     unhandled_events,
 )
-from tasktypes import APPLY_STRIPE_EVENT_JOB
+from tasktypes import APPLY_STRIPE_EVENTS_JOB
 
 from . import runtime
 from .app import app
@@ -35,9 +37,9 @@ FIRST_LOOKBACK = timedelta(days=3)
 OVERLAP = timedelta(minutes=5)
 
 
-@app.task(name=APPLY_STRIPE_EVENT_JOB, ignore_result=True)
-def apply_stripe_event(event_id: str) -> str:
-    return apply_stored(event_id)
+@app.task(name=APPLY_STRIPE_EVENTS_JOB, ignore_result=True)
+def apply_stripe_events(_: str = "") -> dict[str, int]:
+    return apply_waiting(JobReport("apply_stripe_events"))
 
 
 def apply_stored(event_id: str) -> str:
@@ -51,6 +53,22 @@ def apply_stored(event_id: str) -> str:
         with session_scope(runtime.sessions()) as session:
             record_failure(session, event_id, f"{type(exc).__name__}: {exc}")
         raise
+
+
+def apply_waiting(report: JobReport, batch: int = 100) -> dict[str, int]:
+    """Apply stored events until none is waiting. An event that fails is recorded on its row
+    and not tried again in this run (the next reconciliation retries it)."""
+    failed: set[str] = set()
+    while True:
+        with session_scope(runtime.sessions()) as session:
+            waiting = unhandled_events(session, limit=batch, exclude=failed)
+        if not waiting:
+            return report.result()
+        for event_id in waiting:
+            before = report.skipped
+            report.run(event_id, lambda event_id=event_id: apply_stored(event_id) != "duplicate")
+            if report.skipped > before:
+                failed.add(event_id)
 
 
 @app.task(name="maintenance.reconcile_stripe", ignore_result=True)
@@ -75,13 +93,9 @@ def reconcile_stripe() -> dict[str, int]:
     new += _store(batch)
     with session_scope(runtime.sessions()) as session:
         move_cursor(session, CURSOR, started)
-        waiting = unhandled_events(session, older_than=timedelta(0))
-    report = JobReport("reconcile")
-    for event_id in waiting:
-        report.run(event_id, lambda event_id=event_id: apply_stored(event_id) != "duplicate")
     if new:
         log.warning("reconcile: %d event(s) Stripe sent were never received by the webhook", new)
-    return {"fetched": fetched, "new": new, **report.result()}
+    return {"fetched": fetched, "new": new, **apply_waiting(JobReport("reconcile"))}
 
 
 def _store(events: list[dict]) -> int:

@@ -6,12 +6,14 @@ or the processors behind them.
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 from celery import Celery
 
 from settings import Settings
-from tasktypes import TASK_TYPE_SPECS, spec_for
+from tasktypes import APPLY_STRIPE_EVENTS_JOB, TASK_TYPE_SPECS, spec_for
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -37,14 +39,38 @@ def create_celery(settings: Settings) -> Celery:
 class TaskQueue:
     """Publishes task messages; one message names one committed `ai_tasks` row."""
 
+    # Jobs that act on every row waiting when they run: one message sent this long ahead
+    # covers every request that commits before it is due.
+    COALESCED = (APPLY_STRIPE_EVENTS_JOB,)
+    COALESCE_SECONDS = 0.1
+
     def __init__(self, celery: Celery):
         self.celery = celery
+        self._lock = threading.Lock()
+        self._covered_until: dict[str, float] = {}
 
     def send(self, name: str, task_id: uuid.UUID | str) -> None:
         """Send a task type's message, or a maintenance job's (`maintenance.*`) with its argument."""
+        if name in self.COALESCED:
+            return self._send_coalesced(name)
         # Routing by name (celeryconfig.task_routes) picks the queue.
         task = name if name.startswith("maintenance.") else spec_for(name).celery_task
         self.celery.send_task(task, args=[str(task_id)])
+
+    def _send_coalesced(self, name: str) -> None:
+        # The caller has committed. A job already queued to run after this moment will see
+        # that commit, so nothing more is sent; otherwise one is queued a moment ahead.
+        now = time.time()
+        with self._lock:
+            if now < self._covered_until.get(name, 0.0):
+                return
+            self._covered_until[name] = now + self.COALESCE_SECONDS
+        try:
+            self.celery.send_task(name, countdown=self.COALESCE_SECONDS)
+        except Exception:
+            with self._lock:
+                self._covered_until[name] = 0.0
+            raise
 
     def ping(self, timeout: float = 2.0) -> None:
         """Raise if the broker cannot be reached.
