@@ -36,7 +36,7 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
         ("/api/users/initialize", users.InitializeResource()),
         ("/api/users/upgrade-plan", upgrade),
         ("/api/billing/plans", billing.PlansResource(money)),
-        ("/api/billing/webhook", billing.WebhookResource(money)),
+        ("/api/billing/webhook", billing.WebhookResource(money, engine, queue)),
         ("/api/billing/purchase-credits", billing.PurchaseCreditsResource(money)),
         ("/api/billing/purchases/{session_id}/sync", billing.SyncPurchaseResource(money)),
         ("/api/billing/upgrade-plan", upgrade),

@@ -9,6 +9,7 @@ through the same rule).
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 
 import falcon
@@ -23,12 +24,15 @@ from models.purchases import checkout_params, get_pack, list_packs, record_purch
 from models.stripe_events import store_event
 from models.subscriptions import next_billing_date, request_plan_change
 from settings import Settings
+from tasktypes import APPLY_STRIPE_EVENTS_JOB
 from stripe_gateway import StripeGateway
 
 from . import schemas
 from .context import current_user
 from .openapi import operation
 from .serialize import history_entry_out, media, plans_out, purchase_out
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = {
     "name": "Stripe-Signature", "in": "header", "required": True, "schema": {"type": "string"},
@@ -165,12 +169,18 @@ class PortalResource:
 
 
 class WebhookResource:
-    """Stripe's deliveries: verified on the raw body, stored by event id, applied by a worker."""
+    """Stripe's deliveries: verified on the raw body, stored by event id, applied by a worker.
+
+    The store is one statement, so it runs in autocommit on a connection of its own (no
+    request session): once it returns the event is committed, and the apply job goes out.
+    """
 
     auth = None
+    uses_db = False
 
-    def __init__(self, billing: Billing):
+    def __init__(self, billing: Billing, engine, queue):
         self.secrets = billing.settings.stripe_webhook_secrets
+        self.engine, self.queue = engine, queue
 
     @operation("Stripe's webhook: the raw body is verified against STRIPE_WEBHOOK_SECRET, stored once, then applied",
                headers=(SIGNATURE_HEADER,), request_content={"application/json": {"schema": {"type": "object"}}},
@@ -194,7 +204,13 @@ class WebhookResource:
         except ValidationError as exc:
             raise InvalidInput.from_validation(exc, event, code="invalid_event") from None
         check_storable(event, code="invalid_event")
-        inserted = store_event(req.context.session, event)
+        with self.engine.connect() as conn:
+            inserted, waiting = store_event(conn.execution_options(isolation_level="AUTOCOMMIT"), event)
+        if waiting:
+            try:
+                self.queue.send(APPLY_STRIPE_EVENTS_JOB, "")
+            except Exception:  # stored: the reconciliation applies it
+                log.exception("queueing the apply of Stripe event %s failed", event["id"])
         resp.media = media(schemas.WebhookAck(received=True, duplicate=not inserted))
 
 

@@ -4,10 +4,11 @@ and how long after the last delivery every event is applied.
 ours:     N signed deliveries (default 2,000; a quarter of them re-deliveries of event ids
           already sent, so 0.75 N distinct events) POSTed to /api/billing/webhook by C
           client threads (default 8), each on its own kept-alive http.client connection,
-          bodies and signatures made before the clock. Each answer is a commit of the event
-          row plus the publish of its `maintenance.apply_stripe_event` message. A Celery
-          worker on the `maintenance` queue (as the Procfile's worker_ops, -c 2) applies the
-          events meanwhile, as it would in production.
+          bodies and signatures made before the clock. Each answer is the event row stored
+          (one autocommitted INSERT); the API queues a coalesced `apply_stripe_events` job at
+          most every half second per process. A Celery worker on the `maintenance` queue (as
+          the Procfile's worker_ops, -c 2) applies the events meanwhile, a batch per
+          transaction, as it would in production.
 baseline: N GET /health by the same client with the same threads and connections, before
           and after the deliveries (the median of the rounds).
 applied:  from the last delivery's answer until `stripe_events` holds every distinct event

@@ -1,7 +1,8 @@
 """Stripe's events: stored once by id, then applied once (invariant 4).
 
 The webhook (or the reconciliation job) stores an event with an insert-or-skip on its id
-and commits; a worker then applies it. Applying locks the event's row, runs the rule for
+and commits, then queues the apply job (`tasktypes.APPLY_STRIPE_EVENTS_JOB`); a worker
+applies it. Applying locks the event's row, runs the rule for
 its type and marks it handled in the same transaction as the rule's effect, so a second
 delivery, a second apply or a crash in between changes nothing twice; an event whose
 apply failed stays unhandled, with its attempts and last error, for the next retry.
@@ -15,13 +16,12 @@ from typing import Any
 
 from sqlalchemy import Boolean, Index, Integer, String, Text, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapped, Session, mapped_column
-
-from tasktypes import APPLY_STRIPE_EVENTS_JOB
 
 from .base import Base, stripe_id, utcnow
 from .billing import BillingContext
-from .db import enqueue_after_commit
 from .purchases import apply_dispute, apply_refund, close_checkout, fulfil_checkout
 from .subscriptions import apply_invoice_paid, apply_subscription, subscription_paid_by
 from .users import user_for_customer
@@ -68,19 +68,17 @@ _STORE = (
 _HANDLED = select(StripeEvent.handled_at).where(StripeEvent.id == bindparam("id"))
 
 
-def store_event(session: Session, event: Mapping[str, Any], *, apply: bool = True) -> bool:
-    """Store a verified event unless its id is known; True if it is new. Unless it was
-    already handled, the apply job is queued to go out after the caller commits (the
-    sender coalesces it: one job applies every event stored before it runs)."""
+def store_event(conn: Connection | Session, event: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Store a verified event unless its id is known (one INSERT .. ON CONFLICT DO NOTHING,
+    fine in autocommit). Returns (new, waiting): whether it was new, and whether it still
+    waits to be applied, for the caller to queue the apply job once this is committed."""
     created = event.get("created")
-    inserted = session.scalar(_STORE, {
+    inserted = conn.scalar(_STORE, {
         "id": event["id"], "type": event["type"], "payload": dict(event), "livemode": bool(event.get("livemode")),
         "created": datetime.fromtimestamp(int(created), timezone.utc) if created is not None else None,
         "received_at": utcnow(),
     }) is not None
-    if apply and (inserted or session.scalar(_HANDLED, {"id": event["id"]}) is None):
-        enqueue_after_commit(session, APPLY_STRIPE_EVENTS_JOB, "")
-    return inserted
+    return inserted, inserted or conn.scalar(_HANDLED, {"id": event["id"]}) is None
 
 
 def apply_event(session: Session, event_id: str, ctx: BillingContext) -> str:
@@ -89,6 +87,11 @@ def apply_event(session: Session, event_id: str, ctx: BillingContext) -> str:
                          .execution_options(populate_existing=True))
     if row is None:
         return "not_stored"
+    return _apply_row(session, row, ctx)
+
+
+def _apply_row(session: Session, row: StripeEvent, ctx: BillingContext) -> str:
+    """Apply an event whose row this transaction holds locked."""
     if row.handled_at is not None:
         return "duplicate"
     if ctx.livemode is not None and row.livemode != ctx.livemode:
@@ -100,6 +103,51 @@ def apply_event(session: Session, event_id: str, ctx: BillingContext) -> str:
     row.handled_at, row.outcome, row.last_error = utcnow(), outcome, None
     session.flush()
     return outcome
+
+
+# One applier at a time (a transaction-level advisory lock): two batches holding the row
+# locks of different users could otherwise wait on each other.
+_APPLIER_LOCK = text("SELECT pg_advisory_xact_lock(2026112911)")
+
+
+def apply_waiting_events(session: Session, ctx: BillingContext, *, limit: int = 50,
+                         exclude: Collection[str] = ()) -> tuple[list[tuple[str, str]], list[tuple[str, Exception]]]:
+    """Apply up to `limit` waiting events, in Stripe's order, in this transaction (one
+    commit for the batch, not one per event). Returns (event id, outcome) for each applied
+    and (event id, error) for each that failed.
+
+    The batch runs in one savepoint; if an event fails, that savepoint is rolled back and
+    the batch is redone with a savepoint per event, so only the failing one is left out
+    (its failure recorded) and the others are applied.
+    """
+    session.execute(_APPLIER_LOCK)
+    rows = list(session.scalars(
+        select(StripeEvent).where(StripeEvent.id.in_(unhandled_events(session, limit=limit, exclude=exclude)))
+        .order_by(StripeEvent.created.nulls_last(), StripeEvent.received_at)
+        .with_for_update().execution_options(populate_existing=True)))
+    try:
+        with session.begin_nested():
+            return [(row.id, _apply_row(session, row, ctx)) for row in rows], []
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise  # the batch is lost with its connection; the next run redoes it
+    except Exception:
+        pass
+    applied: list[tuple[str, str]] = []
+    failed: list[tuple[str, Exception]] = []
+    for row in rows:
+        try:
+            with session.begin_nested():
+                applied.append((row.id, _apply_row(session, row, ctx)))
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise
+            failed.append((row.id, exc))
+        except Exception as exc:
+            failed.append((row.id, exc))
+        if failed and failed[-1][0] == row.id:
+            record_failure(session, row.id, f"{type(failed[-1][1]).__name__}: {failed[-1][1]}")
+    return applied, failed
 
 
 def record_failure(session: Session, event_id: str, error: str) -> None:

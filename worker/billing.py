@@ -14,14 +14,7 @@ from datetime import timedelta
 
 from models.base import utcnow
 from models.db import session_scope
-from models.stripe_events import (
-    apply_event,
-    cursor_position,
-    move_cursor,
-    record_failure,
-    store_event,
-    unhandled_events,
-)
+from models.stripe_events import apply_waiting_events, cursor_position, move_cursor, store_event
 from tasktypes import APPLY_STRIPE_EVENTS_JOB
 
 from . import runtime
@@ -42,33 +35,21 @@ def apply_stripe_events(_: str = "") -> dict[str, int]:
     return apply_waiting(JobReport("apply_stripe_events"))
 
 
-def apply_stored(event_id: str) -> str:
-    """Apply one stored event; a failure is recorded on the event (attempts, last error),
-    which stays unhandled for the next retry."""
-    try:
-        with session_scope(runtime.sessions()) as session:
-            return apply_event(session, event_id, runtime.billing())
-    except Exception as exc:
-        log.exception("applying Stripe event %s failed", event_id)
-        with session_scope(runtime.sessions()) as session:
-            record_failure(session, event_id, f"{type(exc).__name__}: {exc}")
-        raise
-
-
-def apply_waiting(report: JobReport, batch: int = 100) -> dict[str, int]:
-    """Apply stored events until none is waiting. An event that fails is recorded on its row
-    and not tried again in this run (the next reconciliation retries it)."""
+def apply_waiting(report: JobReport) -> dict[str, int]:
+    """Apply stored events, a batch per transaction, until none is waiting. An event that
+    fails is recorded on its row and not tried again in this run (the next reconciliation
+    retries it)."""
     failed: set[str] = set()
     while True:
         with session_scope(runtime.sessions()) as session:
-            waiting = unhandled_events(session, limit=batch, exclude=failed)
-        if not waiting:
+            applied, errors = apply_waiting_events(session, runtime.billing(), exclude=failed)
+        report.done += sum(outcome != "duplicate" for _, outcome in applied)
+        for event_id, error in errors:
+            log.error("%s: applying Stripe event %s failed: %s: %s", report.job, event_id, type(error).__name__, error)
+            failed.add(event_id)
+            report.skipped += 1
+        if not applied and not errors:
             return report.result()
-        for event_id in waiting:
-            before = report.skipped
-            report.run(event_id, lambda event_id=event_id: apply_stored(event_id) != "duplicate")
-            if report.skipped > before:
-                failed.add(event_id)
 
 
 @app.task(name="maintenance.reconcile_stripe", ignore_result=True)
@@ -103,4 +84,4 @@ def _store(events: list[dict]) -> int:
         return 0
     with session_scope(runtime.sessions()) as session:
         # Applied below, in this job: no message per event.
-        return sum(store_event(session, event, apply=False) for event in events)
+        return sum(store_event(session, event)[0] for event in events)

@@ -42,7 +42,7 @@ class TaskQueue:
     # Jobs that act on every row waiting when they run: one message sent this long ahead
     # covers every request that commits before it is due.
     COALESCED = (APPLY_STRIPE_EVENTS_JOB,)
-    COALESCE_SECONDS = 0.1
+    COALESCE_SECONDS = 0.5
 
     def __init__(self, celery: Celery):
         self.celery = celery
