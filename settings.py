@@ -156,7 +156,9 @@ class Settings:
         return bool(self.stripe_webhook_secrets)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None, *, dotenv: bool = True, broker: bool = True) -> Settings:
+        """The settings of the environment; `broker=False` for a process that needs only the
+        database (the CLI's database commands), which then does not require REDIS_URL."""
         if env is None:
             if dotenv:
                 from dotenv import load_dotenv
@@ -215,15 +217,16 @@ class Settings:
             processor_overrides=env.get("PROCESSOR_OVERRIDES", ""),
             time_limits=time_limits_from_env(env),
         )
-        settings.check()
+        settings.check(broker=broker)
         return settings
 
     def with_(self, **changes) -> Settings:
         return replace(self, **changes)
 
-    def check(self) -> None:
+    def check(self, *, broker: bool = True) -> None:
         """Refuse to run outside development with what would be unsafe or half-configured."""
-        missing = [name for name, value in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.broker_url)) if not value]
+        required = (("DATABASE_URL", self.database_url), ("REDIS_URL", self.broker_url))[:2 if broker else 1]
+        missing = [name for name, value in required if not value]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} must be set")
         if self.is_development:

@@ -17,6 +17,7 @@ from typing import Any
 
 import stripe
 
+from models.billing import BillingContext
 from models.errors import BillingProviderError
 from settings import Settings
 
@@ -100,3 +101,10 @@ class StripeGateway:
                 yield event.to_dict(for_json=True)
         except stripe.StripeError as exc:
             raise _provider_error(exc) from exc
+
+
+def billing_context(settings: Settings) -> BillingContext:
+    """What applying Stripe's events needs: the plans' prices, and Stripe when configured."""
+    gateway = StripeGateway(settings) if settings.stripe_configured else None
+    return BillingContext(prices=dict(settings.stripe_prices), stripe=gateway,
+                          livemode=gateway.livemode if gateway is not None else None)

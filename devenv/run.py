@@ -99,6 +99,10 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
             )
 
 
+# Under var/: the servers a running `make run` uses, for the CLI (cli/services.py).
+SERVICES_FILE = "services.env"
+
+
 def process_env(var_dir: Path) -> dict[str, str]:
     """The environment every Procfile process gets. Development defaults are filled in
     only where the real environment (or .env) says nothing."""
@@ -422,6 +426,12 @@ def run(migrate_only: bool) -> int:
             broker=f"{_without_password(settings.broker_url)} {broker_note}",
             token=dev_token(settings),
         )
+        # `.venv/bin/studiox` in another terminal finds these servers here (DATABASE_URL unset).
+        services = var_dir / SERVICES_FILE
+        services.write_text(f"# written by `make run` while it runs\nAPP_ENV={settings.environment}\n"
+                            f"DATABASE_URL={settings.database_url}\nREDIS_URL={settings.broker_url}\n")
+        services.chmod(0o600)
+        stops.append(("the services file", lambda: services.unlink(missing_ok=True)))
         say("starting the Procfile processes: " + ", ".join(_procfile_names()))
         return serve(env, startup, text, api_url, (display_host, flower_port))
     except Interrupted:

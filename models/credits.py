@@ -34,7 +34,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, sql_in, utcnow
-from .errors import InsufficientCredits, UserNotFound
+from .errors import InsufficientCredits, InvalidInput, UserNotFound
 from .plans import FREE_PLAN_ID, get_plan
 from .users import User, get_user, lock_user
 
@@ -232,6 +232,23 @@ def reverse_entry(session: Session, charge: Transaction | Row, *, description: s
         purchased_delta=-charge.purchased_delta, task_id=charge.task_id, refund_of=charge,
         description=description,
     )
+
+
+def adjust_credits(session: Session, user_id: uuid.UUID, amount: int, *, bucket: str, reason: str) -> Row:
+    """An operator's grant (amount > 0) or take (amount < 0) on one bucket, with their
+    reason in the ledger (`admin_adjustment`). A take never drives the bucket negative."""
+    if bucket not in ("plan", "purchased"):
+        raise InvalidInput("bucket must be plan or purchased")
+    if amount == 0:
+        raise InvalidInput("amount must not be zero")
+    if not reason.strip():
+        raise InvalidInput("a reason is required")
+    deltas = {"plan_delta": amount} if bucket == "plan" else {"purchased_delta": amount}
+    try:
+        return post_entry(session, user_id, type="admin_adjustment", description=f"Operator: {reason.strip()}",
+                          **deltas)
+    except InsufficientCredits:
+        raise InsufficientCredits(f"The {bucket} bucket holds less than {-amount} credits") from None
 
 
 def add_months(moment: datetime, months: int) -> datetime:

@@ -90,9 +90,20 @@ def apply_event(session: Session, event_id: str, ctx: BillingContext) -> str:
     return _apply_row(session, row, ctx)
 
 
-def _apply_row(session: Session, row: StripeEvent, ctx: BillingContext) -> str:
+def replay_event(session: Session, event_id: str, ctx: BillingContext) -> str:
+    """An operator's replay: run the event's rule again, handled or not. Every rule is
+    idempotent (the purchase's state, the subscription's last applied state and the
+    ledger's unique keys decide), so a replay changes only what was never applied."""
+    row = session.scalar(select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
+                         .execution_options(populate_existing=True))
+    if row is None:
+        raise LookupError(f"no stored Stripe event {event_id}")
+    return _apply_row(session, row, ctx, replay=True)
+
+
+def _apply_row(session: Session, row: StripeEvent, ctx: BillingContext, *, replay: bool = False) -> str:
     """Apply an event whose row this transaction holds locked."""
-    if row.handled_at is not None:
+    if row.handled_at is not None and not replay:
         return "duplicate"
     if ctx.livemode is not None and row.livemode != ctx.livemode:
         outcome = "ignored_livemode"

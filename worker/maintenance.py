@@ -4,10 +4,8 @@ row locks and unique keys in `models/` decide, not the schedule."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import timedelta
 
-from models.credits import reset_plan_credits, users_due_for_reset
 from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import (
@@ -16,48 +14,17 @@ from models.tasks import (
     stuck_processing_tasks,
 )
 
-from . import runtime
+from . import jobs, runtime
 from .app import app
+from .jobs import JobReport
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class JobReport:
-    """What a beat job did: rows it acted on, and rows it skipped because they failed."""
-
-    job: str
-    done: int = 0
-    skipped: int = 0
-
-    def run(self, row_id, step) -> None:
-        """One row in its own transaction: a row that fails is logged, counted and skipped,
-        and the rest of the batch proceeds."""
-        try:
-            self.done += bool(step())
-        except Exception:
-            self.skipped += 1
-            log.exception("%s: skipped %s, which failed", self.job, row_id)
-
-    def result(self) -> dict[str, int]:
-        if self.skipped:
-            log.warning("%s: %d done, %d skipped", self.job, self.done, self.skipped)
-        return {"done": self.done, "skipped": self.skipped}
-
-
 @app.task(name="maintenance.reset_monthly_credits", ignore_result=True)
 def reset_monthly_credits() -> dict[str, int]:
-    """Reset every user whose period ended, one transaction per user."""
-    report = JobReport("reset")
-    with session_scope(runtime.sessions()) as session:
-        due = users_due_for_reset(session)
-    for user_id in due:
-        def reset(user_id=user_id):
-            with session_scope(runtime.sessions()) as session:
-                return reset_plan_credits(session, user_id)
-
-        report.run(user_id, reset)
-    return report.result()
+    """Reset every user whose period ended, one transaction per user (`worker.jobs`)."""
+    return jobs.reset_due(runtime.sessions())
 
 
 @app.task(name="maintenance.sweep_lost_messages", ignore_result=True)

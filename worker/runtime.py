@@ -15,7 +15,7 @@ from models.billing import BillingContext
 from models.db import create_engine, make_session_factory
 from settings import Settings
 from storage import LocalStorage
-from stripe_gateway import StripeGateway
+from stripe_gateway import billing_context
 
 
 @cache
@@ -45,11 +45,7 @@ def storage() -> LocalStorage:
 
 @cache
 def billing() -> BillingContext:
-    """What applying Stripe's events needs: the plans' prices, and Stripe when configured."""
-    config = settings()
-    gateway = StripeGateway(config) if config.stripe_configured else None
-    return BillingContext(prices=dict(config.stripe_prices), stripe=gateway,
-                          livemode=gateway.livemode if gateway is not None else None)
+    return billing_context(settings())
 
 
 def reset() -> None:
