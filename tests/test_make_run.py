@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -140,6 +141,12 @@ def test_make_run_serves_the_banner_token_and_ctrl_c_leaves_nothing_behind(tmp_p
         assert me.status_code == 200, me.text
         assert me.json()["user"]["clerkId"] == "dev-user"
 
+        # The CLI in another terminal of the checkout finds the embedded servers (DATABASE_URL unset).
+        cli_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "REDIS_URL", "APP_ENV")}
+        shown = subprocess.run([str(Path(sys.executable).with_name("studiox")), "users", "show", "dev-user"],
+                               env=cli_env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "clerk dev-user" in shown.stdout, shown.stdout + shown.stderr
+
         assert http.get(flower_url, timeout=10).status_code == 401
         dashboard = http.get(flower_url, auth=(flower_user, flower_password), timeout=10)
         assert dashboard.status_code == 200, dashboard.text[:500]
@@ -163,6 +170,7 @@ def test_make_run_serves_the_banner_token_and_ctrl_c_leaves_nothing_behind(tmp_p
         while (left := processes_started_by(var_dir, ports)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not left, f"left behind after Ctrl-C: {left}"
+        assert not (var_dir / "services.env").exists()  # the CLI no longer finds stopped servers
 
         output = run.output
         assert "studiox | stopping Redis" in output and "studiox | stopping PostgreSQL" in output
