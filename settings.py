@@ -16,6 +16,8 @@ from types import MappingProxyType
 from tasktypes import TASK_TYPE_SPECS
 
 DEV_JWT_SECRET = "studiox-dev-secret-not-for-production-use"
+# Requests per minute a user may make, by plan (RATE_LIMIT_<PLAN>).
+RATE_LIMIT_DEFAULTS = {"free": 60, "pro": 300, "enterprise": 1200}
 # The plans sold through Stripe; each has its price id in STRIPE_PRICE_<PLAN>.
 PAID_PLANS = ("pro", "enterprise")
 ENVIRONMENTS = ("development", "test", "production")
@@ -54,6 +56,18 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     if raw in (None, ""):
         return default
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    import ipaddress
+
+    proxies = _split(env.get("TRUSTED_PROXIES"))
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network") from None
+    return proxies
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,15 @@ class Settings:
     # plan id -> Stripe price id (STRIPE_PRICE_PRO, STRIPE_PRICE_ENTERPRISE)
     stripe_prices: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     beat_reconcile_seconds: int = 300
+    # Requests per window (0: no limit), per user by plan and per client IP; counted in
+    # Redis (RATE_LIMIT_REDIS_URL, default REDIS_URL when it is a Redis URL). Constructed
+    # directly, Settings has none; from the environment the defaults below apply.
+    rate_limit_plans: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    rate_limit_ip: int = 0
+    rate_limit_window_seconds: int = 60
+    rate_limit_redis_url: str = ""
+    # Proxies whose X-Forwarded-For is believed (IPs or CIDRs).
+    trusted_proxies: tuple[str, ...] = ()
     frontend_url: str = "http://localhost:3000"
     media_root: Path = Path("var/media")
     log_format: str = "text"
@@ -194,6 +217,14 @@ class Settings:
                 for plan in PAID_PLANS if (env.get(f"STRIPE_PRICE_{plan.upper()}") or "").strip()
             }),
             beat_reconcile_seconds=_int(env, "BEAT_RECONCILE_SECONDS", 300),
+            rate_limit_plans=MappingProxyType({
+                plan: _int(env, f"RATE_LIMIT_{plan.upper()}", default)
+                for plan, default in RATE_LIMIT_DEFAULTS.items()}),
+            rate_limit_ip=_int(env, "RATE_LIMIT_IP", 600),
+            rate_limit_window_seconds=max(1, _int(env, "RATE_LIMIT_WINDOW_SECONDS", 60)),
+            rate_limit_redis_url=env.get("RATE_LIMIT_REDIS_URL") or (
+                redis_url if redis_url.startswith(("redis://", "rediss://", "unix://")) else ""),
+            trusted_proxies=_proxies(env),
             frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
             media_root=Path(env.get("MEDIA_ROOT", "var/media")),
             log_format=env.get("LOG_FORMAT", "text"),

@@ -22,6 +22,7 @@ from .auth import AuthMiddleware, TokenVerifier
 from .logs import configure_logging
 from .middleware import BodyLimitMiddleware, CorsMiddleware, RequestIdMiddleware, SessionMiddleware
 from .openapi import build_document
+from .ratelimit import RateLimiter, RateLimitMiddleware
 
 
 def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str, Any]]:
@@ -87,6 +88,9 @@ def create_app(
             # with 401 at its headers, not spooled first.
             AuthMiddleware(TokenVerifier(settings)),
             BodyLimitMiddleware(settings.max_body_bytes),
+            RateLimitMiddleware(RateLimiter(
+                settings.rate_limit_redis_url, per_plan=settings.rate_limit_plans, per_ip=settings.rate_limit_ip,
+                window=settings.rate_limit_window_seconds, trusted_proxies=settings.trusted_proxies)),
             # Task messages committed by a request go out through the queue (models.db's outbox).
             SessionMiddleware(session_factory, send_task=queue.send),
         ],

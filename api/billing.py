@@ -177,6 +177,7 @@ class WebhookResource:
 
     auth = None
     uses_db = False
+    rate_limited = False  # Stripe's deliveries: a limit would only make Stripe retry
 
     def __init__(self, billing: Billing, engine, queue):
         self.secrets = billing.settings.stripe_webhook_secrets

@@ -12,7 +12,13 @@ from models.users import get_user
 
 
 def current_user(req: falcon.Request) -> User:
-    return get_user(req.context.session, req.context.identity.clerk_id)
+    """The caller's user; its plan's rate limit is counted once per request here."""
+    user = get_user(req.context.session, req.context.identity.clerk_id)
+    limiter = req.context.get("rate_limiter")
+    if limiter is not None and not req.context.get("user_limited"):
+        req.context.user_limited = True
+        limiter.limit_user(user.clerk_id, user.plan_id)
+    return user
 
 
 def parse_uuid(value: str, what: str = "id", not_found: type[Exception] | None = None) -> uuid.UUID:

@@ -58,6 +58,9 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainE
     body = error_body(exc.status_code, exc.message, exc.code)
     if exc.details:
         body["details"] = exc.details
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        resp.set_header("Retry-After", str(retry_after))
     _write(resp, exc.status_code, body)
 
 

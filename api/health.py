@@ -19,6 +19,7 @@ log = logging.getLogger("studiox.api")
 class HealthResource:
     auth = None
     uses_db = False
+    rate_limited = False  # load balancers probe it
 
     def __init__(self, engine: Engine, queue):
         self.engine, self.queue = engine, queue

@@ -34,7 +34,7 @@ ERROR_STATUSES = {
     411: "Length required",
     413: "Body too large",
     415: "Unsupported media type",
-    429: "Too many tasks in flight",
+    429: "Too many requests (rate_limited, with Retry-After) or tasks in flight",
     502: "Stripe could not be reached or refused the request",
     503: "A dependency (database, broker, token keys, billing) is unavailable",
 }
@@ -159,6 +159,8 @@ def _operation_object(path: str, method: str, resource: Any, op: Operation,
     if parameters:
         doc["parameters"] = parameters
     errors = set(op.errors) | {405, 503}
+    if getattr(resource, "rate_limited", True):
+        errors.add(429)
     if op.body is not None or op.request_content is not None:
         content = op.request_content or {"application/json": {"schema": _ref(op.body)}}
         doc["requestBody"] = {"required": op.body_required, "content": content}

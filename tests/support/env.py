@@ -37,6 +37,8 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         MEDIA_ROOT=str(settings.media_root),
         STUDIOX_DOTENV="/nonexistent",
         PYTHONPATH=str(ROOT),
+        # As for Settings made in the test process: no rate limits unless a test sets them.
+        RATE_LIMIT_IP="0", RATE_LIMIT_FREE="0", RATE_LIMIT_PRO="0", RATE_LIMIT_ENTERPRISE="0",
     )
     env.update(extra)
     return env

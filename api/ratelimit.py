@@ -1,0 +1,113 @@
+"""Request rate limits: per client IP on every request, and per user by plan, counted in
+Redis in fixed windows (one INCR per check). A refusal is 429 `rate_limited` with
+`Retry-After`. If Redis cannot be reached the request goes through (fail open): a broken
+limiter must not take the API down; each such pass is counted (`failed_open`) and logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import falcon
+import redis
+
+from models.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+
+class RateLimited(DomainError):
+    """Too many requests; retry after the time in Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(value, strict=False) for value in values)
+
+
+def client_ip(req: falcon.Request, trusted: Sequence) -> str:
+    """The caller's address: the peer's, or, when the peer is a trusted proxy, the nearest
+    address in X-Forwarded-For that is not one of ours (what a client cannot forge)."""
+    peer = req.remote_addr or ""
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [hop.strip() for hop in (req.get_header("X-Forwarded-For") or "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _within(hop, trusted):
+            return hop if _address(hop) is not None else peer
+    return hops[0] if hops and _address(hops[0]) is not None else peer
+
+
+def _address(value: str):
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def _within(value: str, networks: Sequence) -> bool:
+    address = _address(value)
+    return address is not None and any(address in network for network in networks)
+
+
+class RateLimiter:
+    def __init__(self, redis_url: str, *, per_plan: Mapping[str, int], per_ip: int, window: int,
+                 trusted_proxies: Sequence[str] = ()):
+        self.redis = (redis.Redis.from_url(redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+                      if redis_url else None)
+        self.per_plan, self.per_ip, self.window = dict(per_plan), per_ip, window
+        self.trusted = parse_networks(trusted_proxies)
+        self.failed_open = 0
+        self._last_warning = 0.0
+
+    def hit(self, scope: str, key: str, limit: int) -> None:
+        """Count one request against `limit` per window; raise RateLimited past it."""
+        if self.redis is None or limit <= 0:
+            return
+        now = time.time()
+        window_start = int(now // self.window) * self.window
+        name = f"studiox:ratelimit:{scope}:{key}:{window_start}"
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.incr(name)
+            pipe.expire(name, self.window + 1)
+            count = pipe.execute()[0]
+        except redis.RedisError as exc:
+            self.failed_open += 1
+            if now - self._last_warning > 10:
+                self._last_warning = now
+                log.warning("rate limits not enforced: Redis unreachable (%s); %d requests passed unchecked",
+                            exc, self.failed_open)
+            return
+        if count > limit:
+            retry_after = max(1, math.ceil(window_start + self.window - now))
+            raise RateLimited(f"Too many requests: {limit} per {self.window} s for this {scope}; retry in "
+                              f"{retry_after} s", retry_after)
+
+    def limit_user(self, clerk_id: str, plan_id: str) -> None:
+        self.hit("user", clerk_id, self.per_plan.get(plan_id, 0))
+
+
+class RateLimitMiddleware:
+    """The per-IP limit on every routed request (a resource with `rate_limited = False`,
+    such as /health and Stripe's webhook, is exempt); the per-user limit is applied where
+    the user is loaded (`api.context.current_user`), with the user's plan."""
+
+    def __init__(self, limiter: RateLimiter):
+        self.limiter = limiter
+
+    def process_resource(self, req: falcon.Request, resp, resource, params) -> None:
+        req.context.rate_limiter = self.limiter
+        if resource is None or not getattr(resource, "rate_limited", True) or req.method == "OPTIONS":
+            return
+        self.limiter.hit("ip", client_ip(req, self.limiter.trusted), self.limiter.per_ip)
