@@ -3,6 +3,17 @@ same file serves `make run` and a deployment."""
 
 import os
 
+from metrics_dir import use_multiprocess_dir
+
+# Prometheus multiprocess mode: every worker writes its metrics here, /metrics merges them.
+use_multiprocess_dir("api")
+
+
+def child_exit(server, worker):
+    from metrics import process_gone
+
+    process_gone(worker.pid)
+
 # Platforms route to $PORT on every interface; `make run` sets BIND_HOST=127.0.0.1 because
 # its development JWT secret is public and must not be reachable from the network.
 bind = [f"{os.environ.get('BIND_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"]

@@ -142,6 +142,11 @@ class Settings:
     rate_limit_redis_url: str = ""
     # Proxies whose X-Forwarded-For is believed (IPs or CIDRs).
     trusted_proxies: tuple[str, ...] = ()
+    # GET /metrics needs it as a bearer token (unset: nobody reads the API's metrics).
+    metrics_token: str = ""
+    # A worker serves its metrics on this port (0: not served), on WORKER_METRICS_ADDRESS.
+    worker_metrics_port: int = 0
+    worker_metrics_address: str = "127.0.0.1"
     frontend_url: str = "http://localhost:3000"
     media_root: Path = Path("var/media")
     log_format: str = "text"
@@ -225,6 +230,9 @@ class Settings:
             rate_limit_redis_url=env.get("RATE_LIMIT_REDIS_URL") or (
                 redis_url if redis_url.startswith(("redis://", "rediss://", "unix://")) else ""),
             trusted_proxies=_proxies(env),
+            metrics_token=env.get("METRICS_TOKEN", ""),
+            worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 0),
+            worker_metrics_address=env.get("WORKER_METRICS_ADDRESS") or "127.0.0.1",
             frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
             media_root=Path(env.get("MEDIA_ROOT", "var/media")),
             log_format=env.get("LOG_FORMAT", "text"),

@@ -17,7 +17,7 @@ from models.tasks import UrlPolicy
 from settings import Settings
 from storage import LocalStorage
 
-from . import billing, docs, errors, health, outputs, tasks, uploads, users
+from . import billing, docs, errors, health, observability, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
 from .logs import configure_logging
 from .middleware import BodyLimitMiddleware, CorsMiddleware, RequestIdMiddleware, SessionMiddleware
@@ -55,6 +55,7 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
         ("/api/uploads", uploads.UploadsResource(storage, settings)),
         ("/api/uploads/{upload_id}", uploads.UploadResource()),
     ]
+    table.append(("/metrics", observability.MetricsResource(settings.metrics_token)))
     table.append(("/openapi.json", docs.OpenApiResource(lambda: build_document(table))))
     table.append(("/docs", docs.DocsResource()))
     return table
@@ -79,6 +80,7 @@ def create_app(
 
     app = falcon.App(
         middleware=[
+            observability.MetricsMiddleware(),
             RequestIdMiddleware(),
             CorsMiddleware(
                 allow_origins=settings.frontend_url, allow_credentials=settings.frontend_url,

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from models.billing import billing_history, ensure_customer
 from models.errors import BillingNotConfigured, InvalidInput, NoBillingAccount
 from models.plans import FREE_PLAN_ID, list_plans
+import metrics
 from models.base import check_storable
 from models.purchases import checkout_params, get_pack, list_packs, record_purchase, sync_checkout, user_purchase
 from models.stripe_events import store_event
@@ -189,6 +190,22 @@ class WebhookResource:
     def on_post(self, req, resp) -> None:
         if not self.secrets:
             raise BillingNotConfigured("The webhook is not configured on this server (STRIPE_WEBHOOK_SECRET is not set)")
+        try:
+            event = self._verified(req)
+        except InvalidInput:
+            metrics.WEBHOOK_DELIVERIES.labels("unknown", "refused").inc()
+            raise
+        with self.engine.connect() as conn:
+            inserted, waiting = store_event(conn.execution_options(isolation_level="AUTOCOMMIT"), event)
+        metrics.WEBHOOK_DELIVERIES.labels(event["type"], "stored" if inserted else "duplicate").inc()
+        if waiting:
+            try:
+                self.queue.send(APPLY_STRIPE_EVENTS_JOB, "")
+            except Exception:  # stored: the reconciliation applies it
+                log.exception("queueing the apply of Stripe event %s failed", event["id"])
+        resp.media = media(schemas.WebhookAck(received=True, duplicate=not inserted))
+
+    def _verified(self, req) -> dict:
         header = req.get_header("Stripe-Signature")
         if not header:
             raise InvalidInput("The Stripe-Signature header is missing", code="missing_signature")
@@ -205,14 +222,7 @@ class WebhookResource:
         except ValidationError as exc:
             raise InvalidInput.from_validation(exc, event, code="invalid_event") from None
         check_storable(event, code="invalid_event")
-        with self.engine.connect() as conn:
-            inserted, waiting = store_event(conn.execution_options(isolation_level="AUTOCOMMIT"), event)
-        if waiting:
-            try:
-                self.queue.send(APPLY_STRIPE_EVENTS_JOB, "")
-            except Exception:  # stored: the reconciliation applies it
-                log.exception("queueing the apply of Stripe event %s failed", event["id"])
-        resp.media = media(schemas.WebhookAck(received=True, duplicate=not inserted))
+        return event
 
 
 def verify(body: bytes, header: str, secrets: tuple[str, ...]) -> None:

@@ -8,6 +8,7 @@ import logging
 import falcon
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+import metrics
 from models.errors import DomainError
 
 log = logging.getLogger("studiox.api")
@@ -58,6 +59,8 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainE
     body = error_body(exc.status_code, exc.message, exc.code)
     if exc.details:
         body["details"] = exc.details
+    if exc.status_code in (402, 403, 429):
+        metrics.REFUSALS.labels(str(exc.status_code), exc.code).inc()
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         resp.set_header("Retry-After", str(retry_after))

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import falcon
 import redis
 
+import metrics
+
 from models.errors import DomainError
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class RateLimiter:
             count = pipe.execute()[0]
         except redis.RedisError as exc:
             self.failed_open += 1
+            metrics.RATE_LIMIT_FAILED_OPEN.inc()
             if now - self._last_warning > 10:
                 self._last_warning = now
                 log.warning("rate limits not enforced: Redis unreachable (%s); %d requests passed unchecked",

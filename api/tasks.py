@@ -6,6 +6,8 @@ import json
 
 import falcon
 
+import metrics
+
 from models.errors import InvalidInput, TaskNotFound
 from models.tasks import (
     UrlPolicy,
@@ -55,6 +57,7 @@ class CreateTaskResource:
                                     idempotency_key=key, url_policy=self.url_policy)
         if created:
             resp.status = falcon.HTTP_201
+            metrics.TASKS_CREATED.labels(task.type).inc()
         else:
             resp.set_header("Idempotent-Replayed", "true")
         resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
@@ -107,6 +110,8 @@ class CancelTaskResource:
                errors=(404, 409))
     def on_patch(self, req, resp, task_id: str) -> None:
         task = cancel_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound))
+        if task.started_at is not None:  # it was charged: the cancel refunded it
+            metrics.API_REFUNDS.inc(task.credits_used)
         resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
 
 

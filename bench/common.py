@@ -57,7 +57,8 @@ class Env:
 
     def process_env(self, **extra: str) -> dict[str, str]:
         """The environment the API and worker processes read (Settings.from_env)."""
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL", "PROMETHEUS_MULTIPROC_DIR")}
         env.update(
             APP_ENV="test",
             DATABASE_URL=self.database_url,

@@ -122,9 +122,9 @@ _APPLIER_LOCK = text("SELECT pg_advisory_xact_lock(2026112911)")
 
 
 def apply_waiting_events(session: Session, ctx: BillingContext, *, limit: int = 50,
-                         exclude: Collection[str] = ()) -> tuple[list[tuple[str, str]], list[tuple[str, Exception]]]:
+                         exclude: Collection[str] = ()) -> tuple[list[tuple[str, str, str]], list[tuple[str, Exception]]]:
     """Apply up to `limit` waiting events, in Stripe's order, in this transaction (one
-    commit for the batch, not one per event). Returns (event id, outcome) for each applied
+    commit for the batch, not one per event). Returns (event id, type, outcome) for each applied
     and (event id, error) for each that failed.
 
     The batch runs in one savepoint; if an event fails, that savepoint is rolled back and
@@ -138,18 +138,18 @@ def apply_waiting_events(session: Session, ctx: BillingContext, *, limit: int = 
         .with_for_update().execution_options(populate_existing=True)))
     try:
         with session.begin_nested():
-            return [(row.id, _apply_row(session, row, ctx)) for row in rows], []
+            return [(row.id, row.type, _apply_row(session, row, ctx)) for row in rows], []
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise  # the batch is lost with its connection; the next run redoes it
     except Exception:
         pass
-    applied: list[tuple[str, str]] = []
+    applied: list[tuple[str, str, str]] = []
     failed: list[tuple[str, Exception]] = []
     for row in rows:
         try:
             with session.begin_nested():
-                applied.append((row.id, _apply_row(session, row, ctx)))
+                applied.append((row.id, row.type, _apply_row(session, row, ctx)))
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise

@@ -289,6 +289,8 @@ class TaskWork:
     input: Any
     params: dict[str, Any]
     attempt: int
+    credits: int = 0  # the task's price
+    charged: bool = False  # charged by this start (False when resumed)
 
 
 _LOCK_FOR_START = (
@@ -353,7 +355,8 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
         session.execute(_MARK_RESUMED, {"task_id": task_id})
     else:
         return None
-    return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1)
+    return TaskWork(task_id, row.user_id, row.type, row.input, dict(row.params or {}), row.attempt + 1,
+                    credits=row.credits_used, charged=row.status == "pending")
 
 
 def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:

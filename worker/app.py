@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from celery import signals
+from metrics_dir import use_multiprocess_dir
 
-from settings import Settings
-from worker.queue import create_celery
+# Before prometheus_client is imported: the prefork children write their metrics there.
+use_multiprocess_dir("worker")
+
+from celery import signals  # noqa: E402
+
+from settings import Settings  # noqa: E402
+from worker.queue import create_celery  # noqa: E402
 
 app = create_celery(Settings.from_env())
 app.conf.imports = ("worker.tasks", "worker.maintenance", "worker.billing")
@@ -17,3 +22,20 @@ def _fresh_resources_per_child(**_):
     from worker import runtime
 
     runtime.reset()
+
+
+@signals.worker_ready.connect
+def _serve_metrics(sender=None, **_):
+    """The worker's metrics (every child's, and the depth of its queues) on
+    WORKER_METRICS_ADDRESS:WORKER_METRICS_PORT, when a port is set."""
+    from worker import runtime
+
+    settings = runtime.settings()
+    if not settings.worker_metrics_port:
+        return
+    from prometheus_client import start_http_server
+
+    from worker.observability import worker_registry
+
+    start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_address,
+                      registry=worker_registry(app))

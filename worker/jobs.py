@@ -11,6 +11,8 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
+import metrics
+
 from models.base import utcnow
 from models.billing import BillingContext
 from models.credits import reset_plan_credits, users_due_for_reset
@@ -42,6 +44,9 @@ class JobReport:
     def result(self) -> dict[str, int]:
         if self.skipped:
             log.warning("%s: %d done, %d skipped", self.job, self.done, self.skipped)
+        metrics.JOB_RUNS.labels(self.job, "partial" if self.skipped else "ok").inc()
+        metrics.JOB_ROWS.labels(self.job, "done").inc(self.done)
+        metrics.JOB_ROWS.labels(self.job, "skipped").inc(self.skipped)
         return {"done": self.done, "skipped": self.skipped}
 
 
@@ -77,7 +82,9 @@ def apply_stripe_events(sessions: Sessions, ctx: BillingContext, job: str = "app
     while True:
         with session_scope(sessions) as session:
             applied, errors = apply_waiting_events(session, ctx, exclude=failed)
-        report.done += sum(outcome != "duplicate" for _, outcome in applied)
+        report.done += sum(outcome != "duplicate" for _, _, outcome in applied)
+        for _, event_type, outcome in applied:
+            metrics.STRIPE_EVENTS_APPLIED.labels(event_type, outcome).inc()
         for event_id, error in errors:
             log.error("%s: applying Stripe event %s failed: %s: %s", job, event_id, type(error).__name__, error)
             failed.add(event_id)

@@ -14,8 +14,10 @@ import time
 import uuid
 from pathlib import Path
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError
+
+import metrics
 
 from models.db import session_scope
 from models.errors import DomainError
@@ -77,10 +79,13 @@ class _Progress:
         return self._cancelled
 
 
-def _fail(task_id: uuid.UUID, message: str, code: str) -> None:
+def _fail(task_id: uuid.UUID, message: str, code: str, work: TaskWork | None = None) -> tuple[str, str]:
     # A fresh pooled connection: a soft time limit may have interrupted the lease's mid-query.
     with session_scope(runtime.sessions()) as session:
-        fail_task(session, task_id, message, code)
+        failed = fail_task(session, task_id, message, code)
+    if failed and work is not None:
+        metrics.CREDITS_REFUNDED.labels(work.type).inc(work.credits)  # charged, so refunded
+    return "failed", code
 
 
 def _process(work: TaskWork, lease: Lease) -> dict:
@@ -100,16 +105,32 @@ def _process(work: TaskWork, lease: Lease) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_ai_task(celery_task, task_id: str) -> str:
+def run_ai_task(celery_task, task_id: str, task_type: str = "unknown") -> str:
+    """Run one task message; return its outcome (completed, failed, cancelled, duplicate,
+    stale, dropped), recorded in the worker's metrics with the time it took."""
+    began = time.monotonic()
+    outcome, code = "error", ""
+    try:
+        outcome, code = _run(celery_task, task_id, task_type)
+        return outcome
+    except Retry:
+        outcome = "retry"
+        raise
+    finally:
+        metrics.TASK_OUTCOMES.labels(task_type, outcome, code).inc()
+        metrics.TASK_DURATION.labels(task_type, outcome).observe(time.monotonic() - began)
+
+
+def _run(celery_task, task_id: str, task_type: str) -> tuple[str, str]:
     try:
         tid = uuid.UUID(task_id)
     except ValueError:
         log.warning("dropping a message with a malformed task id %r", task_id)
-        return "dropped"
+        return "dropped", ""
     with task_lease(runtime.engine(), tid, wait_seconds=LEASE_WAIT_SECONDS) as lease:
         if lease is None:
             log.info("task %s is running elsewhere; duplicate message dropped", tid)
-            return "duplicate"
+            return "duplicate", ""
         # The task's statements run on the lease's connection: one checkout per task.
         try:
             with lease.session() as session:
@@ -121,33 +142,30 @@ def run_ai_task(celery_task, task_id: str) -> str:
             # A stored request this worker cannot read: acking it silently would leave the
             # task pending for ever, holding a slot and a reservation.
             log.exception("task %s cannot be started", tid)
-            _fail(tid, "The task's request cannot be read", "unprocessable_task")
-            return "failed"
+            return _fail(tid, "The task's request cannot be read", "unprocessable_task")
         if work is None:
-            return "stale"
+            return "stale", ""
+        if work.charged:
+            metrics.CREDITS_CHARGED.labels(work.type).inc(work.credits)
         try:
             output = _process(work, lease)
             with lease.session() as session:
                 completed = complete_task(session, tid, output)
         except Cancelled:
-            return "cancelled"
+            return "cancelled", ""
         except TransientError as exc:
             if celery_task.request.retries < MAX_RETRIES:
                 # Retry with backoff; the lease is released before the retry can arrive.
                 raise celery_task.retry(exc=exc, countdown=2 ** celery_task.request.retries, max_retries=MAX_RETRIES)
-            _fail(tid, exc.message, exc.code)
-            return "failed"
+            return _fail(tid, exc.message, exc.code, work)
         except (PermanentError, DomainError) as exc:  # DomainError: an output we cannot store
-            _fail(tid, exc.message, exc.code)
-            return "failed"
+            return _fail(tid, exc.message, exc.code, work)
         except SoftTimeLimitExceeded:
-            _fail(tid, "The task took longer than its time limit", "time_limit_exceeded")
-            return "failed"
+            return _fail(tid, "The task took longer than its time limit", "time_limit_exceeded", work)
         except Exception:
             log.exception("task %s failed", tid)
-            _fail(tid, "Processing failed unexpectedly", "processing_failed")
-            return "failed"
-        return "completed" if completed else "cancelled"
+            return _fail(tid, "Processing failed unexpectedly", "processing_failed", work)
+        return ("completed", "") if completed else ("cancelled", "")
 
 
 _OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -155,7 +173,7 @@ _OPTIONS = dict(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_re
 
 def _register(spec):
     def run(self, task_id: str) -> str:
-        return run_ai_task(self, task_id)
+        return run_ai_task(self, task_id, spec.name)
 
     run.__name__ = run.__qualname__ = spec.name
     return app.task(name=spec.celery_task, **_OPTIONS)(run)

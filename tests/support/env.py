@@ -28,7 +28,9 @@ def isolated_broker(settings: Settings, db: int) -> Settings:
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a worker process configured with `settings`, plus `extra` variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "REDIS_URL", "BROKER_URL"))}
+    # Each process tree makes its own metrics directory (PROMETHEUS_MULTIPROC_DIR).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABASE_URL", "REDIS_URL", "BROKER_URL", "PROMETHEUS_MULTIPROC_DIR"))}
     env.update(
         APP_ENV="test",
         DATABASE_URL=settings.database_url,
