@@ -3,6 +3,7 @@ same file serves `make run` and a deployment."""
 
 import os
 
+from logconfig import default_format, gunicorn_logconfig
 from metrics_dir import use_multiprocess_dir
 
 # Prometheus multiprocess mode: every worker writes its metrics here, /metrics merges them.
@@ -39,6 +40,9 @@ keepalive = int(os.environ.get("WEB_KEEPALIVE", "5"))
 
 accesslog = "-"
 errorlog = "-"
+# gunicorn's own lines in the service's format (JSON outside development).
+logconfig_dict = gunicorn_logconfig(default_format(os.environ.get("APP_ENV") or "production",
+                                                   (os.environ.get("LOG_FORMAT") or "").strip().lower() or None))
 # The response's X-Request-ID ties an access line to what a client reports.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms rid=%({x-request-id}o)s'
 

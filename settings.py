@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 
+from logconfig import default_format
 from tasktypes import TASK_TYPE_SPECS
 
 DEV_JWT_SECRET = "studiox-dev-secret-not-for-production-use"
@@ -235,7 +236,7 @@ class Settings:
             worker_metrics_address=env.get("WORKER_METRICS_ADDRESS") or "127.0.0.1",
             frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
             media_root=Path(env.get("MEDIA_ROOT", "var/media")),
-            log_format=env.get("LOG_FORMAT", "text"),
+            log_format=default_format(environment, (env.get("LOG_FORMAT") or "").strip().lower() or None),
             max_body_bytes=_int(env, "MAX_BODY_BYTES", 1_048_576),
             max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 50 * 1_048_576),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 64_000_000),
@@ -268,6 +269,8 @@ class Settings:
         missing = [name for name, value in required if not value]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} must be set")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"LOG_FORMAT must be json or text, got {self.log_format!r}")
         if self.is_development:
             return
         if self.jwt_secret == DEV_JWT_SECRET:

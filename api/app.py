@@ -19,7 +19,7 @@ from storage import LocalStorage
 
 from . import billing, docs, errors, health, observability, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
-from .logs import configure_logging
+from logconfig import configure_logging
 from .middleware import BodyLimitMiddleware, CorsMiddleware, RequestIdMiddleware, SessionMiddleware
 from .openapi import build_document
 from .ratelimit import RateLimiter, RateLimitMiddleware
@@ -127,5 +127,5 @@ def load_json_body(text: str):
 def wsgi() -> falcon.App:
     """gunicorn entry point: `gunicorn 'api.app:wsgi()'`."""
     settings = Settings.from_env()
-    configure_logging(settings)
+    configure_logging(settings.log_format)
     return create_app(settings)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import falcon
+
+import logconfig
 import jwt
 
 from models.base import storable_text
@@ -180,3 +182,4 @@ class AuthMiddleware:
         if required == "admin" and not identity.is_admin:
             raise falcon.HTTPForbidden(title="Forbidden", description="Operators only", code="admin_required")
         req.context.identity = identity
+        logconfig.CLERK_ID.set(identity.clerk_id)

@@ -8,6 +8,8 @@ import tempfile
 import uuid
 
 import falcon
+
+import logconfig
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +28,9 @@ class RequestIdMiddleware:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         given = req.get_header("X-Request-ID") or ""
         req.context.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        # Every log line of this request (and the task messages it sends) carries it.
+        logconfig.REQUEST_ID.set(req.context.request_id)
+        logconfig.CLERK_ID.set(None)
 
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         resp.set_header("X-Request-ID", getattr(req.context, "request_id", "") or uuid.uuid4().hex)

@@ -58,3 +58,35 @@ def test_every_page_needs_the_login(flower, path):
     assert _get(flower + path) == 401
     assert _get(flower + path, "ops:wrong") == 401
     assert _get(flower + path, "ops:s3cret") == 200
+
+
+def _get_json(url: str, login: str):
+    import json
+
+    request = urllib.request.Request(url)
+    request.add_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.e2e
+def test_a_finished_task_is_read_back_through_flowers_api(flower, e2e_worker, e2e_client, make_token):
+    from tests.support.http import sign_up
+    from tests.support.workers import wait_for
+
+    headers, _ = sign_up(e2e_client, make_token())
+    created = e2e_client.simulate_post("/api/tasks/create", headers=headers,
+                                       json={"type": "image_analysis", "input": "https://example.com/a.png"})
+    task_id = created.json["task"]["id"]
+
+    def finished():
+        tasks = _get_json(flower + "/api/tasks?limit=1000", "ops:s3cret")
+        return next((celery_id for celery_id, task in tasks.items()
+                     if task_id in str(task.get("args")) and task.get("state") == "SUCCESS"), None)
+
+    celery_id = wait_for(finished, 30, message="Flower to see the task finish")
+    info = _get_json(f"{flower}/api/task/info/{celery_id}", "ops:s3cret")
+    assert info["name"] == "tasks.image_analysis" and info["state"] == "SUCCESS" and info["worker"]
+    assert _get(f"{flower}/api/task/info/{celery_id}") == 401  # not without the password
+    queues = _get_json(flower + "/api/workers?refresh=1", "ops:s3cret")
+    assert any("image_analysis" in str(worker.get("active_queues")) for worker in queues.values())

@@ -12,8 +12,39 @@ from celery import signals  # noqa: E402
 from settings import Settings  # noqa: E402
 from worker.queue import create_celery  # noqa: E402
 
+from tasktypes import TASK_TYPE_SPECS  # noqa: E402
+
 app = create_celery(Settings.from_env())
+_AI_TASK_NAMES = tuple(spec.celery_task for spec in TASK_TYPE_SPECS.values())
 app.conf.imports = ("worker.tasks", "worker.maintenance", "worker.billing")
+
+
+@signals.setup_logging.connect
+def _logging(**_):
+    # Connected: Celery leaves the logging to us. Its lines, ours and SQLAlchemy's share
+    # one handler and one format (JSON outside development).
+    from logconfig import configure_logging
+    from worker import runtime
+
+    configure_logging(runtime.settings().log_format)
+
+
+@signals.task_prerun.connect
+def _task_context(task=None, args=None, **_):
+    # An AI task's id is its message's argument; a job's, its Celery id.
+    import logconfig
+
+    logconfig.TASK_ID.set(str(args[0]) if task is not None and task.name in _AI_TASK_NAMES and args else
+                          (task.request.id if task is not None else None))
+    logconfig.REQUEST_ID.set(getattr(task.request, logconfig.REQUEST_ID_HEADER, None) if task is not None else None)
+
+
+@signals.task_postrun.connect
+def _task_context_end(**_):
+    import logconfig
+
+    logconfig.TASK_ID.set(None)
+    logconfig.REQUEST_ID.set(None)
 
 
 @signals.worker_process_init.connect

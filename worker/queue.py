@@ -12,6 +12,8 @@ import uuid
 
 from celery import Celery
 
+import logconfig
+
 from settings import Settings
 from tasktypes import APPLY_STRIPE_EVENTS_JOB, TASK_TYPE_SPECS, spec_for
 
@@ -55,7 +57,10 @@ class TaskQueue:
             return self._send_coalesced(name)
         # Routing by name (celeryconfig.task_routes) picks the queue.
         task = name if name.startswith("maintenance.") else spec_for(name).celery_task
-        self.celery.send_task(task, args=[str(task_id)])
+        # The worker's log lines of this task carry the id of the request that sent it.
+        request_id = logconfig.REQUEST_ID.get()
+        self.celery.send_task(task, args=[str(task_id)],
+                              headers={logconfig.REQUEST_ID_HEADER: request_id} if request_id else None)
 
     def _send_coalesced(self, name: str) -> None:
         # The caller has committed. A job already queued to run after this moment will see

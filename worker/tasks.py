@@ -145,6 +145,7 @@ def _run(celery_task, task_id: str, task_type: str) -> tuple[str, str]:
             return _fail(tid, "The task's request cannot be read", "unprocessable_task")
         if work is None:
             return "stale", ""
+        log.info("started %s (attempt %d)%s", work.type, work.attempt, ", charged" if work.charged else "")
         if work.charged:
             metrics.CREDITS_CHARGED.labels(work.type).inc(work.credits)
         try:
