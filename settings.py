@@ -148,6 +148,9 @@ class Settings:
     # A worker serves its metrics on this port (0: not served), on WORKER_METRICS_ADDRESS.
     worker_metrics_port: int = 0
     worker_metrics_address: str = "127.0.0.1"
+    # On SIGTERM a worker lets running tasks finish; past this many seconds (0: no limit) it
+    # stops them, and their messages go back to the queue (late acks) to resume elsewhere.
+    worker_shutdown_grace_seconds: float = 0.0
     frontend_url: str = "http://localhost:3000"
     media_root: Path = Path("var/media")
     log_format: str = "text"
@@ -234,6 +237,7 @@ class Settings:
             metrics_token=env.get("METRICS_TOKEN", ""),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 0),
             worker_metrics_address=env.get("WORKER_METRICS_ADDRESS") or "127.0.0.1",
+            worker_shutdown_grace_seconds=_float(env, "WORKER_SHUTDOWN_GRACE_SECONDS", 0.0),
             frontend_url=env.get("FRONTEND_URL", "http://localhost:3000").rstrip("/"),
             media_root=Path(env.get("MEDIA_ROOT", "var/media")),
             log_format=default_format(environment, (env.get("LOG_FORMAT") or "").strip().lower() or None),

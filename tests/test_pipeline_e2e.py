@@ -173,6 +173,43 @@ class TestWorkerKilledMidTask:
             assert s.scalar(select(func.count()).where(Transaction.task_id == uuid.UUID(task_id))) == 1
 
 
+class TestGracefulShutdown:
+    def test_sigterm_lets_the_running_task_finish(self, customer, e2e_db, private_broker, tmp_path):
+        settings, client = private_broker
+        c = customer(client=client)
+        worker = CeleryWorker(worker_env(settings, PROCESSOR_OVERRIDES=OVERRIDES), queues=("image_analysis",),
+                              concurrency=1, name="term", log_path=tmp_path / "w.log").start(create_celery(settings))
+        task_id = c.submit(sleep=3).json["task"]["id"]
+        wait_for(lambda: c.task(task_id)["progress"] >= 10, 30, message="progress")
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(60) == 0
+        task = c.task(task_id)
+        assert (task["status"], task["attempt"]) == ("completed", 1), task
+        assert_money_consistent(e2e_db, c.id)
+
+    def test_past_the_grace_period_the_task_goes_back_and_resumes_charged_once(self, customer, e2e_db,
+                                                                               private_broker, tmp_path):
+        settings, client = private_broker
+        c = customer(client=client)
+        celery = create_celery(settings)
+        env = worker_env(settings, PROCESSOR_OVERRIDES=OVERRIDES, WORKER_SHUTDOWN_GRACE_SECONDS="1")
+        first = CeleryWorker(env, queues=("image_analysis",), concurrency=1, name="grace1",
+                             log_path=tmp_path / "w1.log").start(celery)
+        task_id = c.submit(sleep=6).json["task"]["id"]
+        wait_for(lambda: c.task(task_id)["progress"] >= 10, 30, message="progress")
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(30)  # gone after about a second, its task unfinished
+        assert c.task(task_id)["status"] == "processing"
+        with CeleryWorker(env, queues=("image_analysis",), concurrency=1, name="grace2",
+                          log_path=tmp_path / "w2.log").start(celery):
+            task = c.wait_final(task_id, timeout=60)
+        assert (task["status"], task["attempt"]) == ("completed", 2), task
+        assert_money_consistent(e2e_db, c.id)
+        with e2e_db() as s:
+            assert s.scalar(select(func.count()).where(Transaction.task_id == uuid.UUID(task_id),
+                                                       Transaction.type == "credit_deduction")) == 1
+
+
 class TestDuplicateDelivery:
     def test_same_message_twice_charges_once(self, customer, e2e_db, e2e_worker, e2e_queue):
         c = customer()

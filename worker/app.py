@@ -47,6 +47,25 @@ def _task_context_end(**_):
     logconfig.REQUEST_ID.set(None)
 
 
+@signals.worker_shutting_down.connect
+def _grace_period(sig=None, how=None, exitcode=None, **_):
+    """SIGTERM starts a warm shutdown: running tasks finish. Past the grace period the
+    worker turns it into a cold one (SIGQUIT to itself): the children stop and, with late
+    acks, the unfinished tasks' messages return to the queue, to resume under their lease
+    on another worker without a second charge."""
+    import os
+    import signal
+    import threading
+
+    from worker import runtime
+
+    grace = runtime.settings().worker_shutdown_grace_seconds
+    if how == "Warm" and grace > 0:
+        timer = threading.Timer(grace, os.kill, args=(os.getpid(), signal.SIGQUIT))
+        timer.daemon = True
+        timer.start()
+
+
 @signals.worker_process_init.connect
 def _fresh_resources_per_child(**_):
     # A forked child must not share the parent's database connections.
