@@ -128,15 +128,27 @@ class TestConcurrentSubmitAndCancel:
         assert any(t.status == "completed" for t in tasks) and any(t.status == "cancelled" for t in tasks)
 
 
-@pytest.fixture
-def private_broker(e2e_settings, e2e_engine, e2e_db):
-    """Settings and an API client on a broker database no other worker consumes."""
+@pytest.fixture(params=["redis", "rabbitmq"])
+def private_broker(request, e2e_settings, e2e_engine, e2e_db):
+    """Settings and an API client on a broker no other worker consumes: a Redis database of
+    its own, and RabbitMQ too when TEST_RABBITMQ_URL is set (its queues purged)."""
     from falcon import testing
 
     from api.app import create_app
     from worker.queue import TaskQueue
 
-    settings = isolated_broker(e2e_settings, 3)
+    if request.param == "rabbitmq":
+        url = os.environ.get("TEST_RABBITMQ_URL")
+        if not url:
+            pytest.skip("TEST_RABBITMQ_URL is not set")
+        settings = e2e_settings.with_(broker_url=url)
+        celery = create_celery(settings)
+        with celery.connection_for_write() as conn:
+            for queue in celery.conf.task_queues:
+                queue.bind(conn).declare()
+                queue.bind(conn).purge()
+    else:
+        settings = isolated_broker(e2e_settings, 3)
     client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(create_celery(settings))))
     return settings, client

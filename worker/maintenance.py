@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+import metrics
 from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import (
@@ -33,7 +34,10 @@ def sweep_lost_messages() -> int:
     It reads ids and types only, so no stored request, however odd, can stop it."""
     age = timedelta(seconds=runtime.settings().lost_message_after_seconds)
     with session_scope(runtime.sessions()) as session:
-        return requeue_lost_tasks(session, age)
+        resent = requeue_lost_tasks(session, age)
+    metrics.JOB_RUNS.labels("sweep", "ok").inc()
+    metrics.JOB_ROWS.labels("sweep", "done").inc(resent)
+    return resent
 
 
 @app.task(name="maintenance.reap_stuck_tasks", ignore_result=True)
