@@ -10,6 +10,15 @@ from metrics_dir import use_multiprocess_dir
 use_multiprocess_dir("api")
 
 
+def post_request(worker, req, environ, resp):
+    # After the access line: the next request on this connection starts with no context
+    # (a malformed one never reaches the app that would set it).
+    import logconfig
+
+    for var in logconfig.CONTEXT.values():
+        var.set(None)
+
+
 def child_exit(server, worker):
     from metrics import process_gone
 

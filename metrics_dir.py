@@ -3,6 +3,7 @@ library is imported (it reads the variable once, at import): see `metrics.py`.""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -23,6 +24,10 @@ def use_multiprocess_dir(name: str) -> str:
     shutil.rmtree(path, ignore_errors=True)  # a pid reused from an earlier run
     os.makedirs(path, exist_ok=True)
     os.environ[ENV] = path
+    owner = os.getpid()
+    # Removed when the process that made it exits (not its forked children, which inherit
+    # this hook: gunicorn's workers and Celery's pool end while their parent still runs).
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
     values = sys.modules.get("prometheus_client.values")
     if values is not None:
         # Imported already (Celery's command line loads Flower's plugin, which imports it):

@@ -275,8 +275,8 @@ class Settings:
             raise ConfigError(f"{' and '.join(missing)} must be set")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be json or text, got {self.log_format!r}")
-        if self.is_development:
-            return
+        if self.is_development or not broker:
+            return  # development, or a tool that uses only the database (the CLI)
         if self.jwt_secret == DEV_JWT_SECRET:
             raise ConfigError("JWT_SECRET is the development secret; set a real one or use JWT_JWKS_URL / JWT_PUBLIC_KEY")
         if not (self.jwt_secret or self.jwt_jwks_url or self.jwt_public_key):

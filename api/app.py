@@ -25,6 +25,11 @@ from .openapi import build_document
 from .ratelimit import RateLimiter, RateLimitMiddleware
 
 
+# Not counted against the per-IP limit: load balancers probe /health, Stripe delivers to
+# its webhook (a limit would only make it retry), Prometheus scrapes /metrics.
+RATE_LIMIT_EXEMPT = ("/health", "/api/billing/webhook", "/metrics")
+
+
 def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str, Any]]:
     """Every route of the API: registered on the app and documented in /openapi.json alike."""
     money = billing.Billing(settings)
@@ -92,7 +97,8 @@ def create_app(
             BodyLimitMiddleware(settings.max_body_bytes),
             RateLimitMiddleware(RateLimiter(
                 settings.rate_limit_redis_url, per_plan=settings.rate_limit_plans, per_ip=settings.rate_limit_ip,
-                window=settings.rate_limit_window_seconds, trusted_proxies=settings.trusted_proxies)),
+                window=settings.rate_limit_window_seconds, trusted_proxies=settings.trusted_proxies),
+                exempt=RATE_LIMIT_EXEMPT),
             # Task messages committed by a request go out through the queue (models.db's outbox).
             SessionMiddleware(session_factory, send_task=queue.send),
         ],

@@ -18,6 +18,10 @@ TOKEN_HEADER = {
 }
 
 
+# Label values come from a fixed set: a client inventing methods must not invent series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started = time.perf_counter()
@@ -25,11 +29,12 @@ class MetricsMiddleware:
     def process_response(self, req, resp, resource, req_succeeded) -> None:
         # The template, not the path: one series per route, whatever ids are in the URL.
         route = req.uri_template if resource is not None and req.uri_template else "unmatched"
+        method = req.method if req.method in METHODS else "other"
         status = resp.status_code if hasattr(resp, "status_code") else int(str(resp.status).split()[0])
-        metrics.HTTP_REQUESTS.labels(route, req.method, str(status)).inc()
+        metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
         started = req.context.get("started")
         if started is not None:
-            metrics.HTTP_LATENCY.labels(route, req.method).observe(time.perf_counter() - started)
+            metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - started)
 
 
 class MetricsResource:

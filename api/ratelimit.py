@@ -102,15 +102,16 @@ class RateLimiter:
 
 
 class RateLimitMiddleware:
-    """The per-IP limit on every routed request (a resource with `rate_limited = False`,
-    such as /health and Stripe's webhook, is exempt); the per-user limit is applied where
-    the user is loaded (`api.context.current_user`), with the user's plan."""
+    """The per-IP limit on every request, before routing and authentication (a bad token
+    or an unknown path counts too); the paths in `exempt` (/health, Stripe's webhook) are
+    not counted. The per-user limit is applied where the user is loaded
+    (`api.context.current_user`), with the user's plan."""
 
-    def __init__(self, limiter: RateLimiter):
-        self.limiter = limiter
+    def __init__(self, limiter: RateLimiter, exempt: Sequence[str] = ()):
+        self.limiter, self.exempt = limiter, frozenset(exempt)
 
-    def process_resource(self, req: falcon.Request, resp, resource, params) -> None:
+    def process_request(self, req: falcon.Request, resp) -> None:
         req.context.rate_limiter = self.limiter
-        if resource is None or not getattr(resource, "rate_limited", True) or req.method == "OPTIONS":
+        if req.method == "OPTIONS" or req.path in self.exempt:
             return
         self.limiter.hit("ip", client_ip(req, self.limiter.trusted), self.limiter.per_ip)

@@ -15,12 +15,12 @@ import uuid
 
 import click
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
 from models.audit import CHECKS, run_checks
 from models.billing import change_plan
 from models.credits import Transaction, adjust_credits, list_transactions
-from models.db import create_engine, make_session_factory, session_scope
+from models.db import create_engine, make_session_factory, session_scope, set_sender
 from models.errors import DomainError
 from models.tasks import AiTask, admin_set_status, credit_summary
 from models.users import User
@@ -33,12 +33,12 @@ class Context:
     def __init__(self, *, broker: bool = False):
         self.settings = services.settings(broker=broker)
         self.engine = create_engine(self.settings.database_url, pool_size=2, max_overflow=2)
-        send = None
+        self.queue = None
         if broker:
             from worker.queue import TaskQueue, create_celery
 
-            send = TaskQueue(create_celery(self.settings)).send
-        self.sessions = make_session_factory(self.engine, send_task=send)
+            self.queue = TaskQueue(create_celery(self.settings))
+        self.sessions = make_session_factory(self.engine)
 
 
 def command(*, broker: bool = False):
@@ -56,6 +56,8 @@ def command(*, broker: bool = False):
                 fail(str(exc.args[0]) if exc.args else str(exc))
             except DBAPIError as exc:
                 fail(f"database: {str(exc.orig).strip().splitlines()[0] if exc.orig else exc}")
+            except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+                fail(f"configuration: DATABASE_URL is not a PostgreSQL URL this can use ({exc})", 2)
 
         return run
 
@@ -183,10 +185,7 @@ def plans_set(ctx: Context, clerk_id: str, plan: str) -> None:
     """Move a user without a Stripe subscription to PLAN (an upgrade tops up at once)."""
     with session_scope(ctx.sessions) as session:
         user = find_user(session, clerk_id)
-        if user.stripe_subscription_id:
-            raise LookupError(f"{user.clerk_id} has the Stripe subscription {user.stripe_subscription_id}; "
-                              "change it in Stripe (its events change the plan)")
-        before = user.plan_id
+        before = user.plan_id  # a Stripe subscriber is refused under the user's lock
         user = change_plan(session, user.id, plan, reason="operator")
     click.echo(f"{user.clerk_id}: {before} -> {user.plan_id}; plan credits {user.plan_credits}")
 
@@ -238,8 +237,17 @@ def tasks_fail(ctx: Context, task_id: str, reason: str) -> None:
 @command(broker=True)
 def tasks_requeue(ctx: Context, task_id: str) -> None:
     """Send a pending task's message again (after this commits)."""
+    sent: list[tuple[str, object]] = []
+    # The message goes out here, after the commit, so a broker that refuses it is an error
+    # (the lost-message sweep would re-send it later anyway).
     with session_scope(ctx.sessions) as session:
+        set_sender(session, lambda name, task: sent.append((name, task)))
         task = admin_set_status(session, task_id_of(task_id), "pending")
+    try:
+        for name, arg in sent:
+            ctx.queue.send(name, arg)
+    except Exception as exc:
+        fail(f"broker: the message could not be sent ({type(exc).__name__}: {exc}); the sweep re-sends it later")
     click.echo(f"{task.id}: re-sent to {task.queue}")
 
 
@@ -258,6 +266,11 @@ def stripe_replay(ctx: Context, event_id: str) -> None:
     from models.stripe_events import replay_event
     from stripe_gateway import billing_context
 
+    if not ctx.settings.stripe_configured or not ctx.settings.stripe_prices:
+        # Without them a rule would misread the event (no plan for a price, no charge to
+        # re-read) and still mark it handled.
+        raise LookupError("replaying needs Stripe configured as the service has it "
+                          "(STRIPE_SECRET_KEY and STRIPE_PRICE_*)")
     with session_scope(ctx.sessions) as session:
         outcome = replay_event(session, event_id, billing_context(ctx.settings))
     click.echo(f"{event_id}: {outcome}")

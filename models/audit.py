@@ -90,6 +90,24 @@ CHECKS: tuple[Check, ...] = (
         WHERE period IS NOT NULL AND stripe_object_id IS NULL
         GROUP BY user_id, type, period HAVING count(*) > 1""",
           "user {user_id}: {n} {type} rows for the period {period}"),
+    Check("ledger_event_is_stored", "4", """
+        SELECT t.id, t.stripe_event_id FROM transactions t
+        LEFT JOIN stripe_events e ON e.id = t.stripe_event_id
+        WHERE t.stripe_event_id IS NOT NULL AND e.id IS NULL""",
+          "ledger row {id}: names the Stripe event {stripe_event_id}, which was never stored"),
+    Check("event_applied_before_its_entries", "4", """
+        SELECT e.id, e.type FROM stripe_events e
+        JOIN transactions t ON t.stripe_event_id = e.id
+        WHERE e.handled_at IS NULL
+        GROUP BY e.id, e.type""",
+          "Stripe event {id} ({type}): moved money but is not marked handled"),
+    Check("no_beat_reset_in_a_paid_period", "5", """
+        SELECT b.user_id, b.period, p.stripe_object_id AS invoice FROM transactions b
+        JOIN transactions p ON p.user_id = b.user_id AND p.type = 'monthly_reset' AND p.stripe_object_id IS NOT NULL
+        WHERE b.type = 'monthly_reset' AND b.stripe_object_id IS NULL
+          AND b.created_at > p.created_at AND b.period < (p.period + interval '1 month')::date
+          AND b.period >= p.period""",
+          "user {user_id}: a beat reset for {period} inside the period paid by invoice {invoice}"),
     Check("purchase_granted_once_when_paid", "4", """
         SELECT p.id, p.status, count(t.id) AS n FROM purchases p
         LEFT JOIN transactions t ON t.purchase_id = p.id AND t.type = 'credit_purchase'
@@ -102,6 +120,14 @@ CHECKS: tuple[Check, ...] = (
            OR credits_taken_back < 0 OR shortfall < 0""",
           "purchase {id}: granted {credits}, taken back {credits_taken_back} + shortfall {shortfall}; "
           "the dispute took {dispute_taken} and gave back {dispute_reinstated}"),
+    Check("reinstated_within_what_the_dispute_took", "7", """
+        SELECT r.stripe_object_id AS dispute, r.amount AS reinstated,
+               COALESCE(-sum(c.amount), 0) AS taken FROM transactions r
+        LEFT JOIN transactions c ON c.stripe_object_id = r.stripe_object_id AND c.type = 'credit_clawback'
+        WHERE r.type = 'credit_reinstated'
+        GROUP BY r.id, r.stripe_object_id, r.amount
+        HAVING r.amount > COALESCE(-sum(c.amount), 0)""",
+          "dispute {dispute}: {reinstated} reinstated, but it took {taken}"),
     Check("takes_match_the_ledger", "7", """
         SELECT p.id, p.credits_taken_back, COALESCE(-sum(t.amount), 0) AS ledger FROM purchases p
         LEFT JOIN transactions t ON t.purchase_id = p.id AND t.type IN ('credit_clawback', 'credit_reinstated')

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, utcnow
 from .credits import Transaction, post_entry
-from .errors import InvalidInput
+from .errors import InvalidInput, NoSubscription
 from .plans import get_plan
 from .purchases import Purchase
 from .users import User, lock_user
@@ -98,13 +98,16 @@ def record_plan_change(session: Session, user_id: uuid.UUID, from_plan: str, to_
 
 def change_plan(session: Session, user_id: uuid.UUID, plan_id: str, *, reason: str = "admin"):
     """Move a user without a Stripe subscription to a plan; an upgrade tops the plan bucket
-    up by the difference in monthly credits at once, a downgrade keeps what the user has
-    until the next reset."""
+    up to the new plan's monthly credits at once (never past them, however often the plan
+    is changed), a downgrade keeps what the user has until the next reset."""
     user = lock_user(session, user_id)
+    if user.stripe_subscription_id is not None:
+        raise NoSubscription(f"The user has the Stripe subscription {user.stripe_subscription_id}; "
+                             "its events set the plan (change it in Stripe)")
     old, new = get_plan(session, user.plan_id), get_plan(session, plan_id)
     record_plan_change(session, user.id, old.id, new.id, reason=reason)
     user.plan_id = new.id
-    top_up = new.monthly_credits - old.monthly_credits
+    top_up = new.monthly_credits - user.plan_credits if new.monthly_credits > old.monthly_credits else 0
     if top_up > 0:
         post_entry(session, user.id, type="plan_upgrade", plan_delta=top_up,
                    description=f"Upgrade from {old.name} to {new.name}")

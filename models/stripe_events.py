@@ -94,6 +94,7 @@ def replay_event(session: Session, event_id: str, ctx: BillingContext) -> str:
     """An operator's replay: run the event's rule again, handled or not. Every rule is
     idempotent (the purchase's state, the subscription's last applied state and the
     ledger's unique keys decide), so a replay changes only what was never applied."""
+    session.execute(_APPLIER_LOCK)  # taking turns with the workers' batches
     row = session.scalar(select(StripeEvent).where(StripeEvent.id == event_id).with_for_update()
                          .execution_options(populate_existing=True))
     if row is None:

@@ -116,6 +116,11 @@ class TestPlansAndTasks:
             subscriber.stripe_subscription_id = "sub_cli"
         moved = run(cli_db, "plans", "set", "cli_free", "enterprise")
         assert moved.exit_code == 0 and "free -> enterprise" in moved.output
+        # Back and forth makes no credits: an upgrade tops up to the plan's amount, no further.
+        for plan in ("free", "enterprise", "free", "enterprise"):
+            assert run(cli_db, "plans", "set", "cli_free", plan).exit_code == 0
+        with sessions_of(cli_db)() as s:
+            assert s.scalar(select(User.plan_credits).where(User.clerk_id == "cli_free")) == 5000
         refused = run(cli_db, "plans", "set", "cli_sub", "pro")
         assert refused.exit_code == 1 and "sub_cli" in refused.output
         assert run(cli_db, "plans", "set", "cli_free", "platinum").exit_code == 1
@@ -156,11 +161,15 @@ class TestStripe:
         with session_scope(sessions) as s:
             store_event(s, event)
             apply_event(s, event["id"], BillingContext())
-        replayed = run(cli_db, "stripe", "replay", "evt_cli_replay")
+        refused = run(cli_db, "stripe", "replay", "evt_cli_replay")  # without Stripe's settings
+        assert refused.exit_code == 1 and "STRIPE_SECRET_KEY" in refused.output
+        stripe = {"STRIPE_SECRET_KEY": "sk_test_cli", "STRIPE_WEBHOOK_SECRET": "whsec_cli",
+                  "STRIPE_PRICE_PRO": "price_pro", "STRIPE_API_BASE": "http://127.0.0.1:9"}
+        replayed = run(cli_db, "stripe", "replay", "evt_cli_replay", **stripe)
         assert replayed.exit_code == 0 and replayed.output.strip() == "evt_cli_replay: ignored"
         with sessions() as s:
             assert s.get(StripeEvent, "evt_cli_replay").attempts == 2
-        assert run(cli_db, "stripe", "replay", "evt_none").exit_code == 1
+        assert run(cli_db, "stripe", "replay", "evt_none", **stripe).exit_code == 1
 
     def test_reconcile_without_stripe_says_so(self, cli_db, data):
         result = run(cli_db, "stripe", "reconcile")
@@ -231,6 +240,17 @@ class TestWhereItFindsItsServers:
         result = CliRunner().invoke(studiox, ["users", "show", "cli_ops"],
                                     env={"DATABASE_URL": "", "STUDIOX_VAR_DIR": str(tmp_path),
                                          "STUDIOX_DOTENV": "/nonexistent", "APP_ENV": ""})
+        assert result.exit_code == 0, result.output
+
+    def test_a_database_url_it_cannot_use_is_one_line(self):
+        result = run("mysql://x/y", "audit")
+        assert result.exit_code == 2 and result.output.startswith("studiox: configuration: ")
+        assert "Traceback" not in result.output
+
+    def test_production_needs_only_the_database(self, cli_db, data):
+        result = CliRunner().invoke(studiox, ["audit"], env={"DATABASE_URL": cli_db, "APP_ENV": "production",
+                                                             "REDIS_URL": "", "JWT_SECRET": "",
+                                                             "STUDIOX_DOTENV": "/nonexistent"})
         assert result.exit_code == 0, result.output
 
     def test_an_unreachable_database_is_one_line(self):

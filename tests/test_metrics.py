@@ -72,6 +72,9 @@ class TestApiMetrics:
             before, "studiox_tasks_created_total", type="image_analysis") == 1
         assert samples(after, "studiox_refusals_total", status="403", code="plan_does_not_allow") - samples(
             before, "studiox_refusals_total", status="403", code="plan_does_not_allow") == 1
+        # A method a client makes up is counted as "other": no new series per invention.
+        client.simulate_request("BREW", "/nope")
+        assert "BREW" not in scrape()
 
 
 def test_counts_are_right_under_several_gunicorn_workers(settings, tmp_path):

@@ -67,6 +67,14 @@ class TestPerIp:
         assert client.simulate_get("/api/billing/plans", remote_addr="198.51.100.8").status_code == 200
         assert client.simulate_get("/health", remote_addr="198.51.100.7").status_code in (200, 503)
 
+    def test_a_bad_token_or_an_unknown_path_counts_too(self, limited):
+        client = limited(ip=2)
+        bad = {"Authorization": "Bearer not-a-token"}
+        answers = [client.simulate_get("/api/users/me", headers=bad, remote_addr="198.51.100.30").status_code,
+                   client.simulate_get("/nope", remote_addr="198.51.100.30").status_code,
+                   client.simulate_get("/api/users/me", headers=bad, remote_addr="198.51.100.30").status_code]
+        assert answers == [401, 404, 429]
+
     def test_forwarded_for_is_believed_only_from_a_trusted_proxy(self, limited):
         client = limited(ip=1, trusted_proxies=("10.0.0.0/8",))
         hop = {"X-Forwarded-For": "192.0.2.1, 10.0.0.5"}

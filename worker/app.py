@@ -87,5 +87,12 @@ def _serve_metrics(sender=None, **_):
 
     from worker.observability import worker_registry
 
-    start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_address,
-                      registry=worker_registry(app))
+    try:
+        start_http_server(settings.worker_metrics_port, addr=settings.worker_metrics_address,
+                          registry=worker_registry(app))
+    except OSError as exc:  # another process has the port: say so, loudly (signals only log)
+        import logging
+
+        logging.getLogger(__name__).error(
+            "worker metrics NOT served: %s:%s is taken (%s); give each worker process its own "
+            "WORKER_METRICS_PORT", settings.worker_metrics_address, settings.worker_metrics_port, exc)

@@ -34,8 +34,7 @@ def make_user(session: Session, *, plan: str = "free", plan_credits: int | None 
     if plan_credits is not None and plan_credits != user.plan_credits:
         post_entry(session, user.id, type="admin_adjustment", plan_delta=plan_credits - user.plan_credits)
     if purchased:
-        post_entry(session, user.id, type="credit_purchase", purchased_delta=purchased,
-                   stripe_event_id=f"evt_{uuid.uuid4().hex}")
+        post_entry(session, user.id, type="credit_purchase", purchased_delta=purchased)
     return user
 
 
