@@ -106,7 +106,10 @@ CHECKS: tuple[Check, ...] = (
         JOIN transactions p ON p.user_id = b.user_id AND p.type = 'monthly_reset' AND p.stripe_object_id IS NOT NULL
         WHERE b.type = 'monthly_reset' AND b.stripe_object_id IS NULL
           AND b.created_at > p.created_at AND b.period < (p.period + interval '1 month')::date
-          AND b.period >= p.period""",
+          AND b.period >= p.period
+          AND NOT EXISTS (  -- the subscription ended first: beat serves the user again from then
+              SELECT 1 FROM plan_changes c WHERE c.user_id = b.user_id AND c.reason = 'subscription_ended'
+                AND c.created_at BETWEEN p.created_at AND b.created_at)""",
           "user {user_id}: a beat reset for {period} inside the period paid by invoice {invoice}"),
     Check("purchase_granted_once_when_paid", "4", """
         SELECT p.id, p.status, count(t.id) AS n FROM purchases p

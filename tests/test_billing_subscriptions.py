@@ -143,6 +143,11 @@ class TestSubscriptionLife:
             s.commit()
         assert user_row(e2e_db, user_id).plan_credits == 20
 
+        # The audit finds nothing wrong in the whole life (the beat reset after the end included).
+        from models.audit import run_checks
+
+        with e2e_db() as s:
+            assert list(run_checks(s)) == []
         history = billing_client.simulate_get("/api/billing/history", headers=headers, params={"limit": 3}).json
         assert len(history["entries"]) == 3 and history["nextCursor"]
         rest = billing_client.simulate_get("/api/billing/history", headers=headers,

@@ -122,6 +122,10 @@ def assert_invariants(db: sessionmaker[Session]) -> None:
             granted = s.scalar(select(func.count()).where(Transaction.purchase_id == purchase.id,
                                                           Transaction.type == "credit_purchase"))
             assert granted == (1 if purchase.status == "paid" else 0)
+        # And `studiox audit`'s checks, over everything.
+        from models.audit import run_checks
+
+        assert [f"{v.check}: {v.message}" for v in run_checks(s)] == []
         # Invariant 4: no Stripe object moved money twice (the unique key makes it so).
         assert s.execute(text("SELECT type, stripe_object_id FROM transactions WHERE stripe_object_id IS NOT NULL"
                               " GROUP BY 1, 2 HAVING count(*) > 1")).all() == []
