@@ -17,7 +17,7 @@ def current_user(req: falcon.Request) -> User:
     limiter = req.context.get("rate_limiter")
     if limiter is not None and not req.context.get("user_limited"):
         req.context.user_limited = True
-        limiter.limit_user(user.clerk_id, user.plan_id)
+        limiter.limit_user(req, user.clerk_id, user.plan_id)
     return user
 
 

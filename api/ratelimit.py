@@ -72,18 +72,21 @@ class RateLimiter:
         self.failed_open = 0
         self._last_warning = 0.0
 
-    def hit(self, scope: str, key: str, limit: int) -> None:
-        """Count one request against `limit` per window; raise RateLimited past it."""
-        if self.redis is None or limit <= 0:
+    def hit(self, *checks: tuple[str, str, int]) -> None:
+        """Count one request against each (scope, key, limit) per window, in one round trip;
+        raise RateLimited past any limit."""
+        checks = tuple(check for check in checks if check[2] > 0)
+        if self.redis is None or not checks:
             return
         now = time.time()
         window_start = int(now // self.window) * self.window
-        name = f"studiox:ratelimit:{scope}:{key}:{window_start}"
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.incr(name)
-            pipe.expire(name, self.window + 1)
-            count = pipe.execute()[0]
+            for scope, key, _ in checks:
+                name = f"studiox:ratelimit:{scope}:{key}:{window_start}"
+                pipe.incr(name)
+                pipe.expire(name, self.window + 1)
+            counts = pipe.execute()[::2]
         except redis.RedisError as exc:
             self.failed_open += 1
             metrics.RATE_LIMIT_FAILED_OPEN.inc()
@@ -92,26 +95,62 @@ class RateLimiter:
                 log.warning("rate limits not enforced: Redis unreachable (%s); %d requests passed unchecked",
                             exc, self.failed_open)
             return
-        if count > limit:
-            retry_after = max(1, math.ceil(window_start + self.window - now))
-            raise RateLimited(f"Too many requests: {limit} per {self.window} s for this {scope}; retry in "
-                              f"{retry_after} s", retry_after)
+        for (scope, _, limit), count in zip(checks, counts):
+            if count > limit:
+                retry_after = max(1, math.ceil(window_start + self.window - now))
+                raise RateLimited(f"Too many requests: {limit} per {self.window} s for this {scope}; retry in "
+                                  f"{retry_after} s", retry_after)
 
-    def limit_user(self, clerk_id: str, plan_id: str) -> None:
-        self.hit("user", clerk_id, self.per_plan.get(plan_id, 0))
+    def limit_user(self, req: falcon.Request, clerk_id: str, plan_id: str) -> None:
+        """The user's limit by plan, and the IP's when it was left to count with it."""
+        checks = [("user", clerk_id, self.per_plan.get(plan_id, 0))]
+        ip = req.context.get("rate_ip")
+        if ip is not None:
+            req.context.rate_ip = None
+            checks.insert(0, ("ip", ip, self.per_ip))
+        self.hit(*checks)
 
 
 class RateLimitMiddleware:
-    """The per-IP limit on every request, before routing and authentication (a bad token
-    or an unknown path counts too); the paths in `exempt` (/health, Stripe's webhook) are
-    not counted. The per-user limit is applied where the user is loaded
-    (`api.context.current_user`), with the user's plan."""
+    """The per-IP limit on every request but the paths in `exempt` (/health, Stripe's
+    webhook, /metrics); the per-user limit by plan where the user is loaded
+    (`api.context.current_user`).
+
+    A request with a bearer token has its IP counted together with its user, in one round
+    trip. If it never gets that far (a bad token, an unknown path), its IP is counted after
+    the answer, and an address found over its limit is refused by this process at once
+    until its window ends: a flood of bad tokens is limited too.
+    """
 
     def __init__(self, limiter: RateLimiter, exempt: Sequence[str] = ()):
         self.limiter, self.exempt = limiter, frozenset(exempt)
+        self._blocked: dict[str, float] = {}  # ip -> end of the window it is over its limit in
 
     def process_request(self, req: falcon.Request, resp) -> None:
         req.context.rate_limiter = self.limiter
-        if req.method == "OPTIONS" or req.path in self.exempt:
+        if req.method == "OPTIONS" or req.path in self.exempt or self.limiter.per_ip <= 0:
             return
-        self.limiter.hit("ip", client_ip(req, self.limiter.trusted), self.limiter.per_ip)
+        ip = client_ip(req, self.limiter.trusted)
+        until = self._blocked.get(ip)
+        if until is not None:
+            if until > time.time():
+                raise RateLimited(f"Too many requests from this address; retry in {math.ceil(until - time.time())} s",
+                                  max(1, math.ceil(until - time.time())))
+            del self._blocked[ip]
+        if (req.get_header("Authorization") or "").lower().startswith("bearer "):
+            req.context.rate_ip = ip  # counted with the user, or after the answer
+        else:
+            self.limiter.hit(("ip", ip, self.limiter.per_ip))
+
+    def process_response(self, req, resp, resource, req_succeeded) -> None:
+        ip = req.context.get("rate_ip")
+        if ip is None:
+            return
+        req.context.rate_ip = None
+        try:
+            self.limiter.hit(("ip", ip, self.limiter.per_ip))
+        except RateLimited as refused:
+            if len(self._blocked) > 10_000:
+                now = time.time()
+                self._blocked = {k: v for k, v in self._blocked.items() if v > now}
+            self._blocked[ip] = time.time() + refused.retry_after
