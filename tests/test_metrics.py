@@ -45,6 +45,7 @@ class TestApiMetrics:
                                               queue=task_queue))
         assert unset.simulate_get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
 
+    @pytest.mark.filterwarnings("ignore:Unknown REQUEST_METHOD")  # the invented method below
     def test_requests_by_route_template_tasks_by_type_and_refusals_by_code(self, client, make_token):
         def scrape() -> str:
             answer = client.simulate_get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
