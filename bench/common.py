@@ -525,12 +525,15 @@ class Row:
                 "unit": self.unit, "ratio": round(self.ratio, 3), "target": self.target,
                 "meets_target": None if self.target is None else self.ratio >= self.target}
 
+    def cells(self) -> tuple[str, ...]:
+        """The row as the table prints it (a row kind of its own overrides this)."""
+        return (self.metric, f"{self.ours:,.1f} {self.unit}", f"{self.baseline:,.1f} {self.unit}", f"{self.ratio:.2f}",
+                "" if self.target is None else f">= {self.target:g} {'ok' if self.ratio >= self.target else 'BELOW'}")
+
 
 def print_table(title: str, rows: list[Row], params: dict[str, Any], notes: list[str] = ()) -> None:
     header = ("metric", "ours", "baseline", "ratio", "target")
-    body = [(r.metric, f"{r.ours:,.1f} {r.unit}", f"{r.baseline:,.1f} {r.unit}", f"{r.ratio:.2f}",
-             "" if r.target is None else f">= {r.target:g} {'ok' if r.ratio >= r.target else 'BELOW'}")
-            for r in rows]
+    body = [r.cells() for r in rows]
     widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
     fmt = lambda line: " | ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
     print(f"\n== {title} ==")

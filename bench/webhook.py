@@ -49,6 +49,7 @@ from .common import (
     Row,
     bench_env,
     percentiles,
+    print_table,
     sigterm_as_exit,
     start_celery_worker,
     start_gunicorn,
@@ -403,29 +404,9 @@ class LimitRow(Row):
         return {"metric": self.metric, "ours": round(self.ours, 3), "unit": self.unit,
                 "limit": self.limit, "meets_target": self.meets}
 
-
-def print_rows(title: str, rows: list[Row], params: dict[str, Any], notes: list[str]) -> None:
-    """common.print_table's layout, with rows that are held to a limit (`<= 30 s`) beside
-    the ratio rows (`>= 0.5`)."""
-    header = ("metric", "ours", "baseline", "ratio", "target")
-    body = []
-    for r in rows:
-        if isinstance(r, LimitRow):
-            body.append((r.metric, f"{r.ours:,.2f} {r.unit}", "-", "-",
-                         f"<= {r.limit:g} {r.unit} {'ok' if r.meets else 'ABOVE'}"))
-        else:
-            body.append((r.metric, f"{r.ours:,.1f} {r.unit}", f"{r.baseline:,.1f} {r.unit}", f"{r.ratio:.2f}",
-                         "" if r.target is None else f">= {r.target:g} {'ok' if r.ratio >= r.target else 'BELOW'}"))
-    widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
-    fmt = lambda line: " | ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip()  # noqa: E731
-    print(f"\n== {title} ==")
-    print(fmt(header))
-    print("-+-".join("-" * w for w in widths))
-    for line in body:
-        print(fmt(line))
-    print("parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()))
-    for note in notes:
-        print(f"note: {note}")
+    def cells(self) -> tuple[str, ...]:
+        return (self.metric, f"{self.ours:,.2f} {self.unit}", "-", "-",
+                f"<= {self.limit:g} {self.unit} {'ok' if self.meets else 'ABOVE'}")
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -564,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes.append("other processes on this machine used " + ", ".join(f"{x:.0%}" for x in others[:-1])
                      + f" of its CPUs during the GET /health rounds and {others[-1]:.0%} during the deliveries:"
                      " the figures are noisier than on a quiet machine")
-    print_rows("webhook", rows, params, notes)
+    print_table("webhook", rows, params, notes)
     result = {"params": params, "rows": [r.as_dict() for r in rows], "store": s,
               "store_cpu_ms_per_delivery": store_cpu.per_item_ms(n),
               "tail_cpu_ms_per_event": tail_cpu.per_item_ms(distinct),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 from sqlalchemy import func, select
@@ -25,8 +24,10 @@ from tests.support.billing import (
     deliver,
     entries,
     fake,
+    member,
     outcome,
     settle,
+    user_row,
 )
 from tests.support.concurrency import at_once
 from tests.support.fake_stripe import sign
@@ -34,13 +35,7 @@ from tests.support.http import sign_up
 from tests.support.workers import wait_for
 
 pytestmark = pytest.mark.e2e
-__all__ = ["billing_client", "billing_queue", "billing_settings", "billing_worker", "fake"]  # fixtures
-
-
-@pytest.fixture
-def member(billing_client, make_token):
-    headers, user = sign_up(billing_client, make_token(), email="buyer@example.com")
-    return headers, uuid.UUID(user["id"])
+__all__ = ["billing_client", "billing_queue", "billing_settings", "billing_worker", "fake", "member"]  # fixtures
 
 
 def buy(client, headers, pack="credits_100", **extra_headers) -> dict:
@@ -48,11 +43,6 @@ def buy(client, headers, pack="credits_100", **extra_headers) -> dict:
                                   headers={**headers, **extra_headers})
     assert result.status_code == 201, result.text
     return result.json
-
-
-def user_row(db, user_id) -> User:
-    with db() as s:
-        return s.get(User, user_id)
 
 
 def purchase_row(db, session_id) -> Purchase:

@@ -5,7 +5,6 @@ monthly reset never grants a subscriber's period (invariant 5)."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -23,30 +22,21 @@ from tests.support.billing import (
     deliver,
     entries,
     fake,
+    member,
     outcome,
     settle,
+    user_row,
 )
 from tests.support.http import sign_up
 
 pytestmark = pytest.mark.e2e
-__all__ = ["billing_client", "billing_queue", "billing_settings", "billing_worker", "fake"]  # fixtures
-
-
-@pytest.fixture
-def member(billing_client, make_token):
-    headers, user = sign_up(billing_client, make_token(), email="sub@example.com")
-    return headers, uuid.UUID(user["id"])
+__all__ = ["billing_client", "billing_queue", "billing_settings", "billing_worker", "fake", "member"]  # fixtures
 
 
 def change_plan(client, headers, plan_id) -> dict:
     result = client.simulate_post("/api/billing/upgrade-plan", json={"planId": plan_id}, headers=headers)
     assert result.status_code == 200, result.text
     return result.json
-
-
-def user_row(db, user_id) -> User:
-    with db() as s:
-        return s.get(User, user_id)
 
 
 def deliver_all(client, db, events):

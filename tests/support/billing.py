@@ -73,6 +73,22 @@ def billing_client(billing_settings, e2e_engine, e2e_db, billing_queue) -> testi
                                          queue=billing_queue))
 
 
+@pytest.fixture
+def member(billing_client, make_token):
+    """A signed-up user of the billing client: (headers, user id)."""
+    import uuid
+
+    from tests.support.http import sign_up
+
+    headers, user = sign_up(billing_client, make_token(), email="member@example.com")
+    return headers, uuid.UUID(user["id"])
+
+
+def user_row(db: sessionmaker[Session], user_id) -> User:
+    with db() as s:
+        return s.get(User, user_id)
+
+
 def deliver(client: testing.TestClient, event: dict, *, secret: str = SECRET) -> testing.Result:
     """POST one delivery of `event`, signed as Stripe signs it; 200 required."""
     body = json.dumps(event).encode()
