@@ -11,7 +11,7 @@ apply failed stays unhandled, with its attempts and last error, for the next ret
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import Boolean, Index, Integer, String, Text, bindparam, func, select, text
@@ -172,13 +172,10 @@ def record_failure(session: Session, event_id: str, error: str) -> None:
 MAX_ATTEMPTS = 25
 
 
-def unhandled_events(session: Session, *, older_than: timedelta = timedelta(0), limit: int = 500,
-                     exclude: Collection[str] = ()) -> list[str]:
+def unhandled_events(session: Session, *, limit: int = 500, exclude: Collection[str] = ()) -> list[str]:
     """Stored events still waiting (their apply failed fewer than MAX_ATTEMPTS times, or has
     not run yet), except those in `exclude`."""
     query = select(StripeEvent.id).where(StripeEvent.handled_at.is_(None), StripeEvent.attempts < MAX_ATTEMPTS)
-    if older_than:
-        query = query.where(StripeEvent.received_at < utcnow() - older_than)
     if exclude:
         query = query.where(StripeEvent.id.not_in(list(exclude)))
     return list(session.scalars(

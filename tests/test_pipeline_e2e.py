@@ -23,7 +23,7 @@ from models.tasks import FINAL_STATUSES
 from models.uploads import add_upload
 from tests.support.builders import make_user
 from tests.support.concurrency import at_once
-from tests.support.env import isolated_broker, worker_env
+from tests.support.env import isolated_broker, purged_broker, worker_env
 from tests.support.http import bearer
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
@@ -141,12 +141,7 @@ def private_broker(request, e2e_settings, e2e_engine, e2e_db):
         url = os.environ.get("TEST_RABBITMQ_URL")
         if not url:
             pytest.skip("TEST_RABBITMQ_URL is not set")
-        settings = e2e_settings.with_(broker_url=url)
-        celery = create_celery(settings)
-        with celery.connection_for_write() as conn:
-            for queue in celery.conf.task_queues:
-                queue.bind(conn).declare()
-                queue.bind(conn).purge()
+        settings = purged_broker(e2e_settings, url)
     else:
         settings = isolated_broker(e2e_settings, 3)
     client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,

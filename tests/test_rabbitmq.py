@@ -19,7 +19,7 @@ from api.app import create_app
 from models import Transaction, User
 from models.db import session_scope
 from models.uploads import add_upload
-from tests.support.env import worker_env
+from tests.support.env import purged_broker, worker_env
 from tests.support.http import sign_up
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
@@ -34,12 +34,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not RABBITMQ_URL, reason="TEST
 
 @pytest.fixture
 def amqp(e2e_settings, e2e_db, e2e_engine, make_token):
-    settings = e2e_settings.with_(broker_url=RABBITMQ_URL)
+    settings = purged_broker(e2e_settings, RABBITMQ_URL)
     celery = create_celery(settings)
-    with celery.connection_for_write() as conn:
-        for queue in celery.conf.task_queues:
-            queue.bind(conn).declare()
-            queue.bind(conn).purge()
     client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,
                                            queue=TaskQueue(celery)))
     headers, user = sign_up(client, make_token())

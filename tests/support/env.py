@@ -44,3 +44,16 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def purged_broker(settings: Settings, url: str) -> Settings:
+    """The same settings on a shared broker (RabbitMQ) with every queue declared and emptied."""
+    from worker.queue import create_celery
+
+    moved = settings.with_(broker_url=url)
+    celery = create_celery(moved)
+    with celery.connection_for_write() as conn:
+        for queue in celery.conf.task_queues:
+            queue.bind(conn).declare()
+            queue.bind(conn).purge()
+    return moved
