@@ -14,7 +14,7 @@ from api.app import create_app
 from models import Transaction
 from models.db import session_scope
 from tests.support.builders import image_bytes, make_user
-from tests.support.env import isolated_broker, worker_env
+from tests.support.env import BROKERS, broker_settings, worker_env
 from tests.support.http import bearer, sign_up, upload_image
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.e2e
 ISOLATED_REDIS_DB = 13  # a broker database no other test's worker consumes
 
 
-@pytest.fixture(scope="module")
-def media_settings(e2e_settings):
-    return isolated_broker(e2e_settings, ISOLATED_REDIS_DB)
+@pytest.fixture(scope="module", params=BROKERS)
+def media_settings(request, e2e_settings):
+    return broker_settings(e2e_settings, request.param, ISOLATED_REDIS_DB)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,11 @@ from models.tasks import FINAL_STATUSES
 from models.uploads import add_upload
 from tests.support.builders import make_user
 from tests.support.concurrency import at_once
-from tests.support.env import isolated_broker, purged_broker, worker_env
+from tests.support.env import BROKERS, broker_settings, worker_env
 from tests.support.http import bearer
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
-from worker.queue import create_celery
+from worker.queue import TaskQueue, create_celery
 
 pytestmark = pytest.mark.e2e
 
@@ -100,9 +100,9 @@ def assert_money_consistent(session_factory, user_id):
 
 
 class TestConcurrentSubmitAndCancel:
-    def test_twenty_threads_submit_and_cancel_while_workers_process(self, customer, e2e_db, e2e_worker):
+    def test_twenty_threads_submit_and_cancel_while_workers_process(self, customer, e2e_db, running):
         # 30 credits for 80 one-credit submissions: many must be refused (402 or 429).
-        c = customer(plan="enterprise", credits=30)
+        c = customer(plan="enterprise", credits=30, client=running[0])
         accepted, refused, lock = [], [], threading.Lock()
 
         def client_thread(i):
@@ -128,25 +128,36 @@ class TestConcurrentSubmitAndCancel:
         assert any(t.status == "completed" for t in tasks) and any(t.status == "cancelled" for t in tasks)
 
 
-@pytest.fixture(params=["redis", "rabbitmq"])
-def private_broker(request, e2e_settings, e2e_engine, e2e_db):
-    """Settings and an API client on a broker no other worker consumes: a Redis database of
-    its own, and RabbitMQ too when TEST_RABBITMQ_URL is set (its queues purged)."""
+def _client(settings, engine, db):
     from falcon import testing
 
     from api.app import create_app
-    from worker.queue import TaskQueue
+    return testing.TestClient(create_app(settings, engine=engine, session_factory=db,
+                                         queue=TaskQueue(create_celery(settings))))
 
-    if request.param == "rabbitmq":
-        url = os.environ.get("TEST_RABBITMQ_URL")
-        if not url:
-            pytest.skip("TEST_RABBITMQ_URL is not set")
-        settings = purged_broker(e2e_settings, url)
-    else:
-        settings = isolated_broker(e2e_settings, 3)
-    client = testing.TestClient(create_app(settings, engine=e2e_engine, session_factory=e2e_db,
-                                           queue=TaskQueue(create_celery(settings))))
-    return settings, client
+
+@pytest.fixture(params=BROKERS)
+def private_broker(request, e2e_settings, e2e_engine, e2e_db):
+    """Settings and an API client on a broker no other worker consumes: a Redis database of
+    its own, and RabbitMQ too when TEST_RABBITMQ_URL is set (its queues purged)."""
+    settings = broker_settings(e2e_settings, request.param, 3)
+    return settings, _client(settings, e2e_engine, e2e_db)
+
+
+@pytest.fixture(params=BROKERS)
+def running(request, e2e_settings, e2e_engine, e2e_db, e2e_client, e2e_queue, tmp_path):
+    """An API client and the queue it sends to, with a worker on every queue consuming it:
+    the session's worker on Redis, and one started for the test on RabbitMQ when
+    TEST_RABBITMQ_URL is set."""
+    if request.param == "redis":
+        request.getfixturevalue("e2e_worker")
+        yield e2e_client, e2e_queue
+        return
+    settings = broker_settings(e2e_settings, "rabbitmq", 0)
+    celery = create_celery(settings)
+    with CeleryWorker(worker_env(settings, PROCESSOR_OVERRIDES=OVERRIDES), concurrency=4, name="amqp",
+                      log_path=tmp_path / "worker.log").start(celery):
+        yield _client(settings, e2e_engine, e2e_db), TaskQueue(celery)
 
 
 class TestAdmissionUnderConcurrency:
@@ -218,14 +229,15 @@ class TestGracefulShutdown:
 
 
 class TestDuplicateDelivery:
-    def test_same_message_twice_charges_once(self, customer, e2e_db, e2e_worker, e2e_queue):
-        c = customer()
+    def test_same_message_twice_charges_once(self, customer, e2e_db, running):
+        client, queue = running
+        c = customer(client=client)
         task_id = c.submit(sleep=0.5).json["task"]["id"]
-        e2e_queue.send("image_analysis", uuid.UUID(task_id))  # the same message again, at once
-        e2e_queue.send("image_analysis", uuid.UUID(task_id))
+        queue.send("image_analysis", uuid.UUID(task_id))  # the same message again, at once
+        queue.send("image_analysis", uuid.UUID(task_id))
         assert c.wait_final(task_id)["status"] == "completed"
         time.sleep(1.0)  # let the duplicates be consumed (and dropped)
-        e2e_queue.send("image_analysis", uuid.UUID(task_id))  # and once more after completion
+        queue.send("image_analysis", uuid.UUID(task_id))  # and once more after completion
         time.sleep(0.5)
         _, tasks = assert_money_consistent(e2e_db, c.id)
         assert tasks[0].status == "completed"
@@ -234,8 +246,8 @@ class TestDuplicateDelivery:
 
 
 class TestCancelRacingCompletion:
-    def test_exactly_one_of_completed_or_refunded_wins(self, customer, e2e_db, e2e_worker):
-        c = customer()
+    def test_exactly_one_of_completed_or_refunded_wins(self, customer, e2e_db, running):
+        c = customer(client=running[0])
         rng = random.Random(7)
         finals = []
         for _ in range(15):

@@ -19,15 +19,12 @@ from api.app import create_app
 from models import Transaction, User
 from models.db import session_scope
 from models.uploads import add_upload
-from tests.support.env import purged_broker, worker_env
+from tests.support.env import RABBITMQ_URL, purged_broker, worker_env
 from tests.support.http import sign_up
 from tests.support.processors import OVERRIDES
 from tests.support.workers import CeleryWorker, wait_for
 from worker.queue import TaskQueue, create_celery
 
-
-# `.ci/run` sets it when a RabbitMQ answers on the machine (amqp://guest:guest@127.0.0.1:5672//).
-RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not RABBITMQ_URL, reason="TEST_RABBITMQ_URL is not set")]
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import redis
 
 from settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+# `.ci/run` sets it when a RabbitMQ answers on the machine (amqp://guest:guest@127.0.0.1:5672//).
+RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "")
+BROKERS = ("redis", "rabbitmq")
 
 
 def redis_db(url: str, db: int) -> str:
@@ -57,3 +61,14 @@ def purged_broker(settings: Settings, url: str) -> Settings:
             queue.bind(conn).declare()
             queue.bind(conn).purge()
     return moved
+
+
+def broker_settings(settings: Settings, broker: str, redis_db_number: int) -> Settings:
+    """The same settings on an empty broker of kind `broker` ("redis": a Redis database of
+    its own; "rabbitmq": the shared RabbitMQ with its queues purged, or the test skipped when
+    TEST_RABBITMQ_URL is not set). The end-to-end tests are parametrized over BROKERS."""
+    if broker == "rabbitmq":
+        if not RABBITMQ_URL:
+            pytest.skip("TEST_RABBITMQ_URL is not set")
+        return purged_broker(settings, RABBITMQ_URL)
+    return isolated_broker(settings, redis_db_number)
