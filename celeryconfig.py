@@ -50,10 +50,4 @@ task_track_started = True
 timezone = "UTC"
 enable_utc = True
 
-# Beat. The ordering matters little: every job is idempotent under the row locks and
-# unique keys of models/, so a job firing twice (or two beats) changes nothing twice.
-beat_schedule = {
-    "reset-monthly-credits": {"task": "maintenance.reset_monthly_credits", "schedule": timedelta(minutes=10)},
-    "sweep-lost-messages": {"task": "maintenance.sweep_lost_messages", "schedule": timedelta(minutes=2)},
-    "reap-stuck-tasks": {"task": "maintenance.reap_stuck_tasks", "schedule": timedelta(minutes=5)},
-}
+# Beat's schedule is built from Settings (BEAT_*_SECONDS) by `worker.queue.create_celery`.

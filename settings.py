@@ -42,6 +42,13 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _positive(env: dict[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+    return value
+
+
 def _float(env: dict[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw in (None, ""):
@@ -133,6 +140,11 @@ class Settings:
     stripe_api_base: str = ""
     # plan id -> Stripe price id (STRIPE_PRICE_PRO, STRIPE_PRICE_ENTERPRISE)
     stripe_prices: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Beat's intervals, seconds (BEAT_*_SECONDS): monthly resets, the lost-message sweep, the
+    # stuck-task reaper, Stripe reconciliation.
+    beat_reset_seconds: int = 600
+    beat_sweep_seconds: int = 120
+    beat_reap_seconds: int = 300
     beat_reconcile_seconds: int = 300
     # Requests per window (0: no limit), per user by plan and per client IP; counted in
     # Redis (RATE_LIMIT_REDIS_URL, default REDIS_URL when it is a Redis URL). Constructed
@@ -225,7 +237,10 @@ class Settings:
                 plan: env[f"STRIPE_PRICE_{plan.upper()}"].strip()
                 for plan in PAID_PLANS if (env.get(f"STRIPE_PRICE_{plan.upper()}") or "").strip()
             }),
-            beat_reconcile_seconds=_int(env, "BEAT_RECONCILE_SECONDS", 300),
+            beat_reset_seconds=_positive(env, "BEAT_RESET_SECONDS", 600),
+            beat_sweep_seconds=_positive(env, "BEAT_SWEEP_SECONDS", 120),
+            beat_reap_seconds=_positive(env, "BEAT_REAP_SECONDS", 300),
+            beat_reconcile_seconds=_positive(env, "BEAT_RECONCILE_SECONDS", 300),
             rate_limit_plans=MappingProxyType({
                 plan: _int(env, f"RATE_LIMIT_{plan.upper()}", default)
                 for plan, default in RATE_LIMIT_DEFAULTS.items()}),

@@ -57,6 +57,19 @@ class TestProductionRefusesInsecureConfig:
         with pytest.raises(ConfigError, match="BEAT_RECONCILE_SECONDS"):
             from_env(**BASE, BEAT_RECONCILE_SECONDS="often")
 
+    def test_beat_intervals_make_beats_schedule(self):
+        from worker.queue import create_celery
+
+        settings = from_env(**BASE, BEAT_RESET_SECONDS="7", BEAT_SWEEP_SECONDS="8", BEAT_REAP_SECONDS="9",
+                            BEAT_RECONCILE_SECONDS="10")
+        schedule = {entry["task"]: entry["schedule"] for entry in create_celery(settings).conf.beat_schedule.values()}
+        assert schedule == {"maintenance.reset_monthly_credits": 7.0, "maintenance.sweep_lost_messages": 8.0,
+                            "maintenance.reap_stuck_tasks": 9.0, "maintenance.reconcile_stripe": 10.0}
+        defaults = create_celery(from_env(**BASE)).conf.beat_schedule
+        assert defaults["reset-monthly-credits"]["schedule"] == 600.0
+        with pytest.raises(ConfigError, match="BEAT_SWEEP_SECONDS"):
+            from_env(**BASE, BEAT_SWEEP_SECONDS="0")
+
     @pytest.mark.parametrize("missing", ["DATABASE_URL", "REDIS_URL"])
     def test_missing_database_or_broker_is_refused_naming_it(self, missing):
         env = {k: v for k, v in PRODUCTION.items() if k != missing}

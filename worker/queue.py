@@ -26,12 +26,19 @@ def create_celery(settings: Settings) -> Celery:
         spec.celery_task: {"soft_time_limit": limits[name].soft, "time_limit": limits[name].hard}
         for name, spec in TASK_TYPE_SPECS.items()
     }
+    # Beat. The ordering matters little: every job is idempotent under the row locks and
+    # unique keys of models/, so a job firing twice (or two beats) changes nothing twice.
+    app.conf.beat_schedule = {
+        name: {"task": f"maintenance.{task}", "schedule": float(seconds)}
+        for name, task, seconds in (
+            ("reset-monthly-credits", "reset_monthly_credits", settings.beat_reset_seconds),
+            ("sweep-lost-messages", "sweep_lost_messages", settings.beat_sweep_seconds),
+            ("reap-stuck-tasks", "reap_stuck_tasks", settings.beat_reap_seconds),
+            ("reconcile-stripe", "reconcile_stripe", settings.beat_reconcile_seconds),
+        )
+    }
     # Redis redelivers a message nobody acknowledged after the visibility timeout. It must be
     # longer than the longest hard time limit, or a long task would run twice at once.
-    app.conf.beat_schedule = {
-        **app.conf.beat_schedule,
-        "reconcile-stripe": {"task": "maintenance.reconcile_stripe", "schedule": float(settings.beat_reconcile_seconds)},
-    }
     app.conf.broker_transport_options = {
         "visibility_timeout": 2 * max(limit.hard for limit in limits.values()) + 600,
     }
