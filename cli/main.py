@@ -158,15 +158,12 @@ def credits_reset_due(ctx: Context, limit: int | None) -> None:
     from worker.jobs import reset_due
 
     began = time.monotonic()
-    done = skipped = 0
-    while limit is None or done + skipped < limit:
-        batch = 500 if limit is None else min(500, limit - done - skipped)
-        result = reset_due(ctx.sessions, limit=batch)
-        done, skipped = done + result["done"], skipped + result["skipped"]
-        if result["done"] + result["skipped"] < batch or result["done"] == 0:
-            break
-    click.echo(f"reset {done} user(s) in {time.monotonic() - began:.2f} s" + (f"; {skipped} failed" if skipped else ""))
-    if skipped:
+    result = reset_due(ctx.sessions, limit=limit)
+    elapsed = time.monotonic() - began
+    rate = f" ({result['done'] / elapsed:,.0f} users/s)" if result["done"] and elapsed > 0 else ""
+    click.echo(f"reset {result['done']} user(s) in {elapsed:.2f} s{rate}"
+               + ("; a batch failed and was rolled back (see the log)" if result["skipped"] else ""))
+    if result["skipped"]:
         sys.exit(1)
 
 

@@ -8,7 +8,6 @@ append-only; `sum(amount)` per user always equals `users.credits`.
 
 from __future__ import annotations
 
-import calendar
 import uuid
 from datetime import date, datetime
 
@@ -36,6 +35,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from .base import Base, sql_in, utcnow
 from .errors import InsufficientCredits, InvalidInput, UserNotFound
 from .plans import FREE_PLAN_ID, get_plan
+from .resets import start_monthly_resets
 from .users import User, get_user, lock_user
 
 TRANSACTION_TYPES = (
@@ -251,13 +251,6 @@ def adjust_credits(session: Session, user_id: uuid.UUID, amount: int, *, bucket:
         raise InsufficientCredits(f"The {bucket} bucket holds less than {-amount} credits") from None
 
 
-def add_months(moment: datetime, months: int) -> datetime:
-    month_index = moment.month - 1 + months
-    year, month = moment.year + month_index // 12, month_index % 12 + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
-    return moment.replace(year=year, month=month, day=day)
-
-
 def initialize_user(
     session: Session, clerk_id: str, *, email: str | None = None, name: str | None = None
 ) -> tuple[User, bool]:
@@ -283,48 +276,11 @@ def initialize_user(
 
 def grant_signup_credits(session: Session, user: User) -> Row | None:
     plan = get_plan(session, user.plan_id)
-    user.credit_reset_at = add_months(utcnow(), 1)
+    start_monthly_resets(user)
     if plan.monthly_credits == 0:
         return None
     return post_entry(session, user.id, type="signup_grant", plan_delta=plan.monthly_credits,
                       description=f"Welcome to the {plan.name} plan")
-
-
-def reset_plan_credits(session: Session, user_id: uuid.UUID, now: datetime | None = None) -> bool:
-    """Expire the plan bucket and grant the plan's monthly credits, once per period.
-
-    Runs under the user's row lock and records the period on both ledger rows; the unique
-    (user, type, period) index makes a second reset for the same period impossible even if
-    beat fires twice at once. Returns False when the user's reset is not due yet, or when the
-    user has a Stripe subscription: its paid invoices start their periods (invariant 5).
-    """
-    now = now or utcnow()
-    user = lock_user(session, user_id)
-    if user.credit_reset_at is None or user.credit_reset_at > now or user.stripe_subscription_id is not None:
-        return False
-    period = user.credit_reset_at.date()
-    plan = get_plan(session, user.plan_id)
-    if user.plan_credits:
-        post_entry(session, user.id, type="credit_expiry", plan_delta=-user.plan_credits, period=period,
-                   description="Unused plan credits expired")
-    if plan.monthly_credits:
-        post_entry(session, user.id, type="monthly_reset", plan_delta=plan.monthly_credits, period=period,
-                   description=f"Monthly credits for the {plan.name} plan")
-    # A user away for several periods gets one reset, and the next one lands in the future.
-    next_reset = user.credit_reset_at
-    while next_reset <= now:
-        next_reset = add_months(next_reset, 1)
-    user.credit_reset_at = next_reset
-    session.flush()
-    return True
-
-
-def users_due_for_reset(session: Session, now: datetime | None = None, limit: int = 500) -> list[uuid.UUID]:
-    """Users whose period ended and who have no Stripe subscription (Stripe renews those)."""
-    return list(session.scalars(
-        select(User.id).where(User.credit_reset_at <= (now or utcnow()), User.stripe_subscription_id.is_(None))
-        .order_by(User.credit_reset_at).limit(limit)
-    ))
 
 
 def list_transactions(

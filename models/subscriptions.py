@@ -27,6 +27,7 @@ from .billing import BillingContext, StripeApi, ensure_customer, record_plan_cha
 from .errors import NoSubscription, PlanNotPurchasable
 from .credits import Transaction, post_entry
 from .plans import FREE_PLAN_ID, get_plan
+from .resets import anchor_resets
 from .users import User, lock_user, user_for_customer
 
 LIVE_STATUSES = ("active", "trialing")
@@ -147,7 +148,7 @@ def _end(session: Session, user: User, record: Subscription) -> str:
                            subscription_id=record.id)
     user.plan_id = FREE_PLAN_ID
     if user.stripe_subscription_id is not None:
-        user.credit_reset_at = utcnow()
+        anchor_resets(user, utcnow())
     user.stripe_subscription_id = None
     session.flush()
     return "subscription_ended"

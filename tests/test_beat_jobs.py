@@ -11,7 +11,8 @@ from sqlalchemy import func, select, update
 
 from models import AiTask, Transaction, User, utcnow
 from models.billing import change_plan
-from models.credits import ledger_sum, reset_plan_credits
+from models.credits import ledger_sum
+from models.resets import reset_plan_credits
 from models.db import session_scope
 from models.leases import task_lease
 from tests.support.builders import make_charged_task, make_task, make_user

@@ -15,7 +15,7 @@ import metrics
 
 from models.base import utcnow
 from models.billing import BillingContext
-from models.credits import reset_plan_credits, users_due_for_reset
+from models.resets import reset_due_users
 from models.db import session_scope
 from models.stripe_events import apply_waiting_events, cursor_position, move_cursor, store_event
 
@@ -50,17 +50,26 @@ class JobReport:
         return {"done": self.done, "skipped": self.skipped}
 
 
-def reset_due(sessions: Sessions, *, limit: int = 500) -> dict[str, int]:
-    """Reset up to `limit` users whose period ended, one transaction per user."""
-    report = JobReport("reset")
-    with session_scope(sessions) as session:
-        due = users_due_for_reset(session, limit=limit)
-    for user_id in due:
-        def reset(user_id=user_id):
-            with session_scope(sessions) as session:
-                return reset_plan_credits(session, user_id)
+RESET_BATCH = 5_000
 
-        report.run(user_id, reset)
+
+def reset_due(sessions: Sessions, *, limit: int | None = None, batch: int = RESET_BATCH) -> dict[str, int]:
+    """Reset the users whose period ended (up to `limit`), a batch per transaction, until
+    none is left that another transaction does not hold (those wait for the next run). A
+    batch that fails is rolled back whole and logged; the next run does it."""
+    report = JobReport("reset")
+    while limit is None or report.done < limit:
+        size = batch if limit is None else min(batch, limit - report.done)
+        try:
+            with session_scope(sessions) as session:
+                done = reset_due_users(session, limit=size)
+        except Exception:
+            report.skipped += 1
+            log.exception("reset: a batch of up to %d users failed and was rolled back", size)
+            break
+        report.done += done
+        if done < size:
+            break
     return report.result()
 
 
