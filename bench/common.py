@@ -39,6 +39,10 @@ from sqlalchemy.engine import Engine, make_url
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "var" / "bench"
 JWT_SECRET = "bench-secret-" + "x" * 32
+# The embedded PostgreSQL as an operator would size it for a million users on this machine
+# (24 GiB): PostgreSQL's defaults (128 MB of buffers, a checkpoint per GB of WAL) are sized
+# for a laptop. With BENCH_DATABASE_URL the server's own settings apply.
+PG_CONFIG = {"shared_buffers": "2GB", "max_wal_size": "8GB", "checkpoint_timeout": "30min"}
 
 
 # --- servers ---------------------------------------------------------------------------
@@ -92,7 +96,7 @@ def bench_env(name: str) -> Iterator[Env]:
         if admin_url:
             admin_url = sqlalchemy_url(admin_url)
         else:
-            pg = start_postgres(scratch / "pg")
+            pg = start_postgres(scratch / "pg", PG_CONFIG)
             stack.callback(pg.stop)
             admin_url = pg.url
             try:

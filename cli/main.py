@@ -152,13 +152,15 @@ credits.command("take", help="Take credits from a bucket; never below zero.")(_a
 
 @credits.command("reset-due")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many users (default: all due)")
+@click.option("--parallel", type=click.IntRange(min=1, max=16), default=None,
+              help="Batches run at once, each on its own connection (default 2, as beat)")
 @command()
-def credits_reset_due(ctx: Context, limit: int | None) -> None:
+def credits_reset_due(ctx: Context, limit: int | None, parallel: int | None) -> None:
     """Run the due monthly resets now: the code beat runs."""
     from worker.jobs import reset_due
 
     began = time.monotonic()
-    result = reset_due(ctx.sessions, limit=limit)
+    result = reset_due(ctx.sessions, limit=limit, **({"parallel": parallel} if parallel else {}))
     elapsed = time.monotonic() - began
     rate = f" ({result['done'] / elapsed:,.0f} users/s)" if result["done"] and elapsed > 0 else ""
     click.echo(f"reset {result['done']} user(s) in {elapsed:.2f} s{rate}"

@@ -32,17 +32,34 @@ class EmbeddedPostgres:
         self.server.cleanup()
 
 
-def start_postgres(data_dir: Path) -> EmbeddedPostgres:
+def start_postgres(data_dir: Path, config: dict[str, str] | None = None) -> EmbeddedPostgres:
+    """The embedded PostgreSQL on `data_dir` (made on first use), with server settings
+    `config` (e.g. {"shared_buffers": "1GB"}) applied by ALTER SYSTEM and a restart when
+    they differ from what it runs with."""
     import logging
 
     import pgserver
+    from sqlalchemy import create_engine, text
 
     logging.getLogger("pgserver").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(data_dir)
     server = pgserver.get_server(data_dir, cleanup_mode="stop")
-    uri = server.get_uri()  # postgresql://postgres:@/postgres?host=<socket dir>
-    return EmbeddedPostgres(server, uri.replace("postgresql://", "postgresql+psycopg://", 1))
+    uri = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)  # a socket URL
+    if config:
+        engine = create_engine(uri, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            for name, value in config.items():
+                conn.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
+            conn.execute(text("SELECT pg_reload_conf()"))
+            time.sleep(0.2)  # the reload is asynchronous
+            restart = conn.scalar(text("SELECT count(*) FROM pg_settings WHERE pending_restart"))
+        engine.dispose()
+        if restart:
+            server.cleanup()
+            server = pgserver.get_server(data_dir, cleanup_mode="stop")
+            uri = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    return EmbeddedPostgres(server, uri)
 
 
 def _forget_dead_handles(data_dir: Path) -> None:

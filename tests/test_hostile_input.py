@@ -358,23 +358,24 @@ class TestPoisonTasks:
         with e2e_db() as s:
             assert s.scalar(select(AiTask.error_code).where(AiTask.id == ids[0])) == "unprocessable_task"
 
-    def test_a_reset_that_fails_for_one_user_does_not_stop_the_others(self, e2e_db, e2e_worker, e2e_queue):
+    def test_a_user_whose_period_was_already_granted_does_not_stop_the_others(self, e2e_db, e2e_worker, e2e_queue):
         from datetime import timedelta
 
-        from models import User
+        from models import Transaction, User
         from models.base import utcnow
         from models.credits import post_entry
 
         with e2e_db() as s:
-            good, bad = make_user(s), make_user(s)
+            good, odd = make_user(s), make_user(s)
             due = utcnow() - timedelta(days=1)
-            for user in (good, bad):
+            for user in (good, odd):
                 user.credit_reset_at = due
-            # The bad user's monthly grant for that period already exists: its reset collides
-            # with the unique (user, type, period) index and fails.
-            post_entry(s, bad.id, type="monthly_reset", plan_delta=1, period=due.date())
+            # The odd user's monthly grant for that period already exists: a second one would
+            # collide with the unique (user, type, period) index. The batch goes on, and that
+            # user's date moves on without a second grant.
+            post_entry(s, odd.id, type="monthly_reset", plan_delta=1, period=due.date())
             s.commit()
-            good_id, bad_id = good.id, bad.id
+            good_id, odd_id = good.id, odd.id
         e2e_queue.celery.send_task("maintenance.reset_monthly_credits")
 
         def reset_done():
@@ -383,7 +384,10 @@ class TestPoisonTasks:
 
         wait_for(reset_done, timeout=60, message="the good user's reset")
         with e2e_db() as s:
-            assert s.get(User, bad_id).credit_reset_at < utcnow()  # skipped, untouched
+            assert s.get(User, odd_id).credit_reset_at > utcnow()
+            grants = s.scalars(select(Transaction.plan_delta).where(Transaction.user_id == odd_id,
+                                                                   Transaction.type == "monthly_reset")).all()
+            assert grants == [1]  # the one that was there
 
 
 # --- the database goes away ----------------------------------------------------------------------

@@ -109,6 +109,13 @@ class TestAnchor:
         assert session.get(User, user.id, populate_existing=True).credit_reset_at == at(2027, 5, 31, 10)
         assert len(entries(session, user.id, "monthly_reset")) == 1
 
+    def test_a_date_off_its_anchor_moves_to_the_anchor_of_the_next_month_not_later_this_month(self, session):
+        # E.g. a period paid by Stripe ended on the 27th and the anchor is still the 31st.
+        user = make_user(session)
+        due_at(session, user.id, at(2027, 11, 27, 3, 5), day=31)
+        assert reset_plan_credits(session, user.id, now=at(2027, 11, 27, 3, 6))
+        assert session.get(User, user.id, populate_existing=True).credit_reset_at == at(2027, 12, 31, 3, 5)
+
     def test_a_sign_up_on_the_31st_is_anchored_on_the_31st(self):
         from models.resets import start_monthly_resets
 
@@ -139,7 +146,7 @@ def assert_each_reset_once(db, ids) -> None:
         last = s.execute(text(
             "SELECT DISTINCT ON (user_id) user_id, balance_after FROM transactions ORDER BY user_id, id DESC")).all()
         credits = dict(s.execute(select(User.id, User.credits)).all())
-        assert all(credits[user_id] == balance for user_id, balance in last)
+        assert [user_id for user_id, balance in last if credits[user_id] != balance] == []
         assert list(run_checks(s)) == []
 
 

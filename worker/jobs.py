@@ -6,6 +6,7 @@ same code. Nothing here imports the Celery app.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,25 +52,50 @@ class JobReport:
 
 
 RESET_BATCH = 5_000
+RESET_PARALLEL = 2
 
 
-def reset_due(sessions: Sessions, *, limit: int | None = None, batch: int = RESET_BATCH) -> dict[str, int]:
+def reset_due(sessions: Sessions, *, limit: int | None = None, batch: int = RESET_BATCH,
+              parallel: int = RESET_PARALLEL) -> dict[str, int]:
     """Reset the users whose period ended (up to `limit`), a batch per transaction, until
-    none is left that another transaction does not hold (those wait for the next run). A
-    batch that fails is rolled back whole and logged; the next run does it."""
+    none is left that another transaction does not hold (those wait for the next run).
+
+    `parallel` runners take batches at once, each on its own connection: the rows each one
+    locks are skipped by the others (SKIP LOCKED), so they split the work as two beats would,
+    and the database's cores are all used. A batch that fails is rolled back whole and
+    logged; its runner stops, and the next run does the batch.
+    """
     report = JobReport("reset")
-    while limit is None or report.done < limit:
-        size = batch if limit is None else min(batch, limit - report.done)
-        try:
-            with session_scope(sessions) as session:
-                done = reset_due_users(session, limit=size)
-        except Exception:
-            report.skipped += 1
-            log.exception("reset: a batch of up to %d users failed and was rolled back", size)
-            break
-        report.done += done
-        if done < size:
-            break
+    claim = threading.Lock()
+    claimed = 0
+
+    def runner() -> None:
+        nonlocal claimed
+        while True:
+            with claim:
+                size = batch if limit is None else min(batch, limit - claimed)
+                if size <= 0:
+                    return
+                claimed += size
+            try:
+                with session_scope(sessions) as session:
+                    done = reset_due_users(session, limit=size)
+            except Exception:
+                with claim:
+                    report.skipped += 1
+                log.exception("reset: a batch of up to %d users failed and was rolled back", size)
+                return
+            with claim:
+                report.done += done
+                claimed -= size - done
+            if done < size:
+                return
+
+    threads = [threading.Thread(target=runner, name=f"reset-{i}") for i in range(max(1, parallel))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return report.result()
 
 
