@@ -146,6 +146,14 @@ class Settings:
     beat_sweep_seconds: int = 120
     beat_reap_seconds: int = 300
     beat_reconcile_seconds: int = 300
+    # Where uploads and outputs live (STORAGE_URL): "" is the local directory media_root;
+    # s3://bucket[/prefix] is S3 or, with s3_endpoint_url, any S3-compatible store.
+    storage_url: str = ""
+    s3_endpoint_url: str = ""
+    # Uploads and output files older than this many days are deleted (0: kept for ever),
+    # by a beat job every beat_retention_seconds. The ledger and the task rows stay.
+    retention_days: int = 0
+    beat_retention_seconds: int = 3600
     # Requests per window (0: no limit), per user by plan and per client IP; counted in
     # Redis (RATE_LIMIT_REDIS_URL, default REDIS_URL when it is a Redis URL). Constructed
     # directly, Settings has none; from the environment the defaults below apply.
@@ -241,6 +249,10 @@ class Settings:
             beat_sweep_seconds=_positive(env, "BEAT_SWEEP_SECONDS", 120),
             beat_reap_seconds=_positive(env, "BEAT_REAP_SECONDS", 300),
             beat_reconcile_seconds=_positive(env, "BEAT_RECONCILE_SECONDS", 300),
+            storage_url=(env.get("STORAGE_URL") or "").strip(),
+            s3_endpoint_url=(env.get("S3_ENDPOINT_URL") or "").strip(),
+            retention_days=_int(env, "RETENTION_DAYS", 0),
+            beat_retention_seconds=_positive(env, "BEAT_RETENTION_SECONDS", 3600),
             rate_limit_plans=MappingProxyType({
                 plan: _int(env, f"RATE_LIMIT_{plan.upper()}", default)
                 for plan, default in RATE_LIMIT_DEFAULTS.items()}),
@@ -290,6 +302,15 @@ class Settings:
             raise ConfigError(f"{' and '.join(missing)} must be set")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be json or text, got {self.log_format!r}")
+        from storage import parse_storage_url
+
+        try:
+            parse_storage_url(self.storage_url)
+        except ValueError as exc:
+            raise ConfigError(f"STORAGE_URL: {exc}") from None
+        if self.retention_days < 0:
+            raise ConfigError(f"RETENTION_DAYS must be 0 (keep files for ever) or a number of days, "
+                              f"got {self.retention_days}")
         if self.is_development or not broker:
             return  # development, or a tool that uses only the database (the CLI)
         if self.jwt_secret == DEV_JWT_SECRET:

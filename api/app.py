@@ -15,7 +15,7 @@ from models.base import MAX_JSON_DEPTH, check_storable
 from models.errors import InvalidInput
 from models.tasks import UrlPolicy
 from settings import Settings
-from storage import LocalStorage
+from storage import storage_from_settings
 
 from . import billing, docs, errors, health, observability, outputs, tasks, uploads, users
 from .auth import AuthMiddleware, TokenVerifier
@@ -81,7 +81,7 @@ def create_app(
 
         queue = TaskQueue(create_celery(settings))
     if storage is None:
-        storage = LocalStorage(settings.media_root)
+        storage = storage_from_settings(settings)
 
     app = falcon.App(
         middleware=[

@@ -314,9 +314,12 @@ class TaskOut(Schema):
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
-    output_url: str | None = Field(description="GET it (with the same token) for the output file")
+    output_url: str | None = Field(description="GET it (with the same token) for the output file; null "
+                                               "until there is one, and again once it expired")
     output_size: int | None
     output_type: str | None
+    output_expired_at: datetime | None = Field(
+        description="When retention deleted the output file (GET .../output is then 410 output_expired)")
 
 
 class TaskEnvelope(Schema):
@@ -364,6 +367,9 @@ class UploadOut(Schema):
     filename: str | None
     sha256: str
     created_at: datetime
+    expired_at: datetime | None = Field(
+        description="When retention deleted the file; an expired upload is no longer a task input "
+                    "(404 upload_expired)")
 
 
 class UploadEnvelope(Schema):

@@ -84,7 +84,9 @@ def task_out(task: AiTask) -> schemas.TaskOut:
         params=task.params or {}, output=task.output, credits_used=task.credits_used, progress=task.progress,
         error=task.error, error_code=task.error_code, queue=task.queue, attempt=task.attempt,
         created_at=task.created_at, started_at=task.started_at, completed_at=task.completed_at,
-        output_url=f"/api/tasks/{task.id}/output" if file is not None else None,
+        # An expired output keeps its type and size (what was made) but no URL (it is gone).
+        output_url=f"/api/tasks/{task.id}/output" if file is not None and task.output_expired_at is None else None,
         output_size=file.get("size") if file is not None and isinstance(file.get("size"), int) else None,
         output_type=output_file_type(file) if file is not None else None,
+        output_expired_at=task.output_expired_at,
     )

@@ -11,6 +11,7 @@ reads images (video_generation makes an MP4 *from* images).
 from __future__ import annotations
 
 import hashlib
+import logging
 import tempfile
 import uuid
 import warnings
@@ -36,6 +37,8 @@ UPLOAD_CONTENT = {
     "image/*": _BINARY,
     "application/octet-stream": _BINARY,
 }
+
+log = logging.getLogger("studiox.api")
 
 CHUNK = 1 << 16
 # Multipart framing (boundaries, part headers, small fields) comes on top of the file.
@@ -97,6 +100,13 @@ def clean_filename(name: str | None) -> str | None:
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = "".join(ch for ch in name if ch.isprintable()).strip()
     return name[:255] or None
+
+
+def storage_unavailable(exc: Exception) -> falcon.HTTPServiceUnavailable:
+    """The file store (S3 or the shared directory) failed: a 503 the client may retry."""
+    log.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
+    return falcon.HTTPServiceUnavailable(title="Service unavailable", code="storage_unavailable", retry_after=5,
+                                         description="The file store is unavailable; try again shortly")
 
 
 def _too_large(limit: int) -> falcon.HTTPContentTooLarge:
@@ -180,7 +190,10 @@ class UploadsResource:
             info = inspect_image(Path(tmp.name), self.max_image_pixels)
             upload_id = uuid.uuid4()
             key = f"uploads/{user.id}/{upload_id}"
-            self.storage.save_file(key, Path(tmp.name))
+            try:
+                self.storage.save_file(key, Path(tmp.name))
+            except Exception as exc:
+                raise storage_unavailable(exc) from None
         try:
             upload = add_upload(
                 req.context.session, user.id, id=upload_id, filename=filename, content_type=info.content_type,

@@ -47,6 +47,7 @@ from .base import Base, check_storable, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
 from .db import enqueue_after_commit
 from .errors import (
+    DomainError,
     IdempotencyKeyReused,
     InsufficientCredits,
     InvalidInput,
@@ -68,6 +69,12 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 IN_FLIGHT = ("pending", "processing")
 
 
+# Completed tasks whose output file is still stored: the retention job's partial index and its
+# query share the predicate word for word, so the planner matches them under a generic plan
+# too (a bound status, or `output['file']`, would not prove it).
+_OUTPUT_UNEXPIRED_SQL = "status = 'completed' AND output_expired_at IS NULL AND (output -> 'file') IS NOT NULL"
+
+
 class AiTask(Base):
     __tablename__ = "ai_tasks"
     __table_args__ = (
@@ -85,6 +92,8 @@ class AiTask(Base):
         # Admission (in-flight count, reserved credits) and the beat sweeps only look here.
         Index("ix_ai_tasks_in_flight", "status", "created_at",
               postgresql_where=text("status IN ('pending', 'processing')")),
+        # The retention job's scan: completed tasks whose output file is still stored.
+        Index("ix_ai_tasks_output_unexpired", "completed_at", "id", postgresql_where=text(_OUTPUT_UNEXPIRED_SQL)),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -106,10 +115,19 @@ class AiTask(Base):
     started_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
     enqueued_at: Mapped[datetime | None]
+    # When retention deleted the output file (RETENTION_DAYS); the output's JSON stays.
+    output_expired_at: Mapped[datetime | None]
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+
+class OutputExpired(DomainError):
+    """The task's output file was deleted by retention."""
+
+    status_code = 410
+    code = "output_expired"
 
 
 def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> str:
@@ -551,3 +569,66 @@ def stuck_processing_tasks(session: Session, older_than: dict[str, timedelta], l
     return list(session.scalars(
         select(AiTask.id).where(AiTask.status == "processing", or_(*conditions)).order_by(AiTask.started_at).limit(limit)
     ))
+
+
+# --- retention ------------------------------------------------------------------------------
+
+def output_file_key(task_id: uuid.UUID, file: Any) -> str | None:
+    """The storage key of the task's output file (`output["file"]["key"]`), if it lies under
+    the task's own prefix `outputs/<task id>/`; None otherwise. Only such a key is served or
+    deleted, so a processor's bad output can never reach another user's upload or output."""
+    key = file.get("key") if isinstance(file, dict) else None
+    if not isinstance(key, str) or not key.startswith(f"outputs/{task_id}/") or ".." in key.split("/"):
+        return None
+    return key
+
+
+def lock_outputs_to_expire(session: Session, completed_before: datetime, *,
+                           after: tuple[datetime, uuid.UUID] | None = None, limit: int = 200) -> list[Row]:
+    """Up to `limit` tasks completed before `completed_before` whose output file is still
+    stored, oldest first (after the keyset `after`), locked; rows another run holds are
+    skipped, so two runs never take the same task. Each row: id, completed_at, file (the
+    output's `file` object)."""
+    query = (
+        select(AiTask.id, AiTask.completed_at, AiTask.output["file"].label("file"))
+        .where(text(_OUTPUT_UNEXPIRED_SQL), AiTask.completed_at < completed_before)
+        .order_by(AiTask.completed_at, AiTask.id).limit(limit)
+        .with_for_update(skip_locked=True, of=AiTask)
+    )
+    if after is not None:
+        query = query.where(tuple_(AiTask.completed_at, AiTask.id) > tuple_(*after))
+    return list(session.execute(query))
+
+
+def mark_outputs_expired(session: Session, task_ids: list[uuid.UUID], now: datetime | None = None) -> int:
+    """Note that these tasks' output files are deleted (GET .../output answers 410 from now
+    on); a task already noted keeps its date. Touches nothing else: no status, no ledger."""
+    if not task_ids:
+        return 0
+    result = session.execute(
+        update(AiTask).where(AiTask.id.in_(task_ids), AiTask.output_expired_at.is_(None))
+        .values(output_expired_at=now or utcnow()),
+        execution_options={"synchronize_session": False})
+    return result.rowcount
+
+
+def uploads_in_flight(session: Session, user_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Upload ids named as input by the users' tasks still pending or processing: their
+    files must stay until the task is final. Few rows: admission holds each user to their
+    plan's limit of tasks in flight."""
+    if not user_ids:
+        return set()
+    in_use: set[uuid.UUID] = set()
+    rows = session.execute(
+        select(AiTask.type, AiTask.input).where(AiTask.status.in_(IN_FLIGHT), AiTask.user_id.in_(user_ids)))
+    for task_type, input in rows:
+        try:
+            refs = [ref for kind, ref in map(source_ref, input_sources(task_type, input)) if kind == "upload"]
+        except ValueError:
+            continue  # a request the worker will fail as unreadable: it reads no upload
+        for ref in refs:
+            try:
+                in_use.add(uuid.UUID(ref))
+            except ValueError:
+                pass
+    return in_use

@@ -15,7 +15,7 @@ from models.tasks import (
     stuck_processing_tasks,
 )
 
-from . import jobs, runtime
+from . import jobs, retention, runtime
 from .app import app
 from .jobs import JobReport
 
@@ -60,3 +60,13 @@ def reap_stuck_tasks() -> dict[str, int]:
 
         report.run(task_id, reap)
     return report.result()
+
+
+@app.task(name="maintenance.expire_stored_files", ignore_result=True)
+def expire_stored_files() -> dict[str, int]:
+    """Delete uploads and output files older than RETENTION_DAYS (`worker.retention`);
+    nothing when retention is off (0)."""
+    days = runtime.settings().retention_days
+    if days <= 0:
+        return {}
+    return retention.expire_stored_files(runtime.sessions(), runtime.storage(), timedelta(days=days))

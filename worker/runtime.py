@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.billing import BillingContext
 from models.db import create_engine, make_session_factory
 from settings import Settings
-from storage import LocalStorage
+from storage import Storage, storage_from_settings
 from stripe_gateway import billing_context
 
 
@@ -39,8 +39,9 @@ def sessions() -> sessionmaker[Session]:
 
 
 @cache
-def storage() -> LocalStorage:
-    return LocalStorage(settings().media_root)
+def storage() -> Storage:
+    # Made after fork like the engine: a boto3 client must not be shared across processes.
+    return storage_from_settings(settings())
 
 
 @cache
