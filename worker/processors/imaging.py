@@ -8,6 +8,7 @@ everywhere: a file Pillow cannot decode is `invalid_image`, one with more pixels
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -181,5 +182,12 @@ def scratch_dir(ctx: ProcessContext) -> Iterator[Path]:
 def store_output(ctx: ProcessContext, path: Path, name: str, content_type: str) -> dict[str, Any]:
     """Save a finished file under the task's output prefix; the "file" dict the output route streams."""
     key = f"outputs/{ctx.task_id}/{name}"
-    size = ctx.storage.save_file(key, path)
+    try:
+        size = ctx.storage.save_file(key, path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The store is full: this task fails (refunded) with a code an operator can alert
+            # on; the worker goes on with the next task, which may be smaller.
+            raise PermanentError("There was no space left to store the output", "storage_full") from exc
+        raise
     return {"key": key, "contentType": content_type, "size": size, "name": name}
