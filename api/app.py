@@ -34,6 +34,7 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
     """Every route of the API: registered on the app and documented in /openapi.json alike."""
     money = billing.Billing(settings)
     upgrade = billing.UpgradePlanResource(money)
+    url_policy = UrlPolicy(settings.fetch_allow_private, tuple(settings.fetch_allowed_hosts))
     table: list[tuple[str, Any]] = [
         ("/health", health.HealthResource(engine, queue)),
         ("/api/users/me", users.MeResource()),
@@ -50,8 +51,9 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
         ("/api/billing/next-date", billing.NextDateResource()),
         ("/api/billing/portal", billing.PortalResource(money)),
         ("/api/tasks", tasks.TasksResource()),
-        ("/api/tasks/create", tasks.CreateTaskResource(
-            UrlPolicy(settings.fetch_allow_private, tuple(settings.fetch_allowed_hosts)))),
+        ("/api/tasks/create", tasks.CreateTaskResource(url_policy)),
+        ("/api/tasks/estimate", tasks.EstimateTaskResource(url_policy)),
+        ("/api/tasks/{task_id}/retry", tasks.RetryTaskResource(url_policy)),
         ("/api/tasks/stats", tasks.TaskStatsResource()),
         ("/api/tasks/{task_id}", tasks.TaskResource()),
         ("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource()),

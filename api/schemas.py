@@ -294,7 +294,23 @@ class CreateTaskBody(RequestSchema):
     params: SkipValidation[AnalysisParams | EditParams | VideoParams | None] = Field(
         None, description="Options of the task type: " + ", ".join(
             f"{name}: {spec.params.__name__}" for name, spec in TASK_TYPE_SPECS.items()))
-    error_codes: ClassVar[dict[str, str]] = {"type": "invalid_task_type", "params": "invalid_params"}
+    start_by: datetime | Annotated[float, Field(gt=0, le=30 * 86400)] | None = Field(
+        None, description="A deadline: if no worker has started the task by then it ends `expired`, never "
+                          "charged. An absolute time, or seconds from now (at most 30 days). Default: the "
+                          "plan's (free 1 h, pro 6 h, enterprise 24 h)")
+    error_codes: ClassVar[dict[str, str]] = {"type": "invalid_task_type", "params": "invalid_params",
+                                             "startBy": "invalid_start_by"}
+
+
+class EstimateOut(Schema):
+    cost: int = Field(description="Credits the task would cost")
+    available: int = Field(description="Your credits less what your pending tasks reserve")
+    affordable: bool = Field(description="available covers the cost now")
+    plan_allows: bool = Field(description="Your plan includes this task type")
+    in_flight: int = Field(description="Your pending and processing tasks")
+    max_in_flight: int = Field(description="Your plan's limit of tasks in flight")
+    has_room: bool = Field(description="in_flight is under the limit")
+    would_be_accepted: bool = Field(description="Submitting now would be accepted (201)")
 
 
 class TaskOut(Schema):
@@ -320,6 +336,13 @@ class TaskOut(Schema):
     output_type: str | None
     output_expired_at: datetime | None = Field(
         description="When retention deleted the output file (GET .../output is then 410 output_expired)")
+    start_by: datetime | None = Field(description="Deadline to start; past it a pending task ends expired")
+    queue_position: int | None = Field(
+        description="While pending: 1 + the pending tasks ahead of it in its queue, oldest first")
+    queue_time: float | None = Field(description="Seconds from submission to start (so far, while pending)")
+    run_time: float | None = Field(description="Seconds from start to end (so far, while processing)")
+    retry_of: uuid.UUID | None = Field(description="The task this one retries")
+    retries: list[uuid.UUID] = Field(default_factory=list, description="Retries made of this task, oldest first")
 
 
 class TaskEnvelope(Schema):

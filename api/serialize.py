@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import mimetypes
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 
-from models import AiTask, CreditPack, Plan, Purchase
+from models import AiTask, CreditPack, Plan, Purchase, utcnow
 from models.billing import HistoryEntry
 from models.plans import price_list
 
@@ -77,8 +78,15 @@ def output_file_type(file: dict[str, Any]) -> str | None:
     return mimetypes.guess_type(file.get("name") or file["key"])[0]
 
 
-def task_out(task: AiTask) -> schemas.TaskOut:
+def _seconds(start, end) -> float | None:
+    return round((end - start).total_seconds(), 3) if start is not None and end is not None else None
+
+
+def task_out(task: AiTask, *, position: int | None = None, retries: list | None = None,
+             now: datetime | None = None) -> schemas.TaskOut:
     file = output_file(task)
+    now = now or utcnow()
+    ended = task.completed_at or (None if task.status in ("pending", "processing") else now)
     return schemas.TaskOut(
         id=task.id, user_id=task.user_id, type=task.type, status=task.status, input=task.input,
         params=task.params or {}, output=task.output, credits_used=task.credits_used, progress=task.progress,
@@ -89,4 +97,7 @@ def task_out(task: AiTask) -> schemas.TaskOut:
         output_size=file.get("size") if file is not None and isinstance(file.get("size"), int) else None,
         output_type=output_file_type(file) if file is not None else None,
         output_expired_at=task.output_expired_at,
+        start_by=task.start_by, queue_position=position, retry_of=task.retry_of_id, retries=retries or [],
+        queue_time=_seconds(task.created_at, task.started_at or ended or now),
+        run_time=_seconds(task.started_at, ended or now) if task.started_at is not None else None,
     )

@@ -3,27 +3,43 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
+from datetime import datetime, timedelta
 
 import falcon
+from sqlalchemy import delete
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 import metrics
 
+from models import AiTask
+from models.db import unsent_messages
 from models.errors import InvalidInput, TaskNotFound
+from models.base import utcnow
 from models.tasks import (
     UrlPolicy,
     admin_set_status,
     cancel_task,
     encode_cursor,
+    estimate_task,
     get_task_of,
     list_tasks,
+    queue_positions,
+    retries_of,
+    retry_task,
     submit_task,
     task_stats,
 )
 
 from . import schemas
 from .context import current_user, parse_uuid
+from .errors import BrokerUnavailable
 from .openapi import operation
 from .serialize import media, task_out
+
+log = logging.getLogger("studiox.api")
 
 IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key", "in": "header", "required": False,
@@ -53,14 +69,58 @@ class CreateTaskResource:
         key = req.get_header("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
-        task, created = submit_task(req.context.session, current_user(req), body.type, body.input, body.params,
-                                    idempotency_key=key, url_policy=self.url_policy)
-        if created:
-            resp.status = falcon.HTTP_201
-            metrics.TASKS_CREATED.labels(task.type).inc()
-        else:
-            resp.set_header("Idempotent-Replayed", "true")
-        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
+        session = req.context.session
+        task, created = submit_task(session, current_user(req), body.type, body.input, body.params,
+                                    idempotency_key=key, url_policy=self.url_policy, start_by=_deadline(body.start_by))
+        _answer_created(req, resp, task, created)
+
+
+def _deadline(start_by: datetime | float | None) -> datetime | None:
+    """The body's startBy as a time: seconds from now, or a time with its zone, ahead."""
+    if start_by is None:
+        return None
+    if not isinstance(start_by, datetime):
+        return utcnow() + timedelta(seconds=start_by)
+    if start_by.tzinfo is None:
+        raise InvalidInput("startBy must carry a time zone (e.g. 2027-01-01T12:00:00Z)", code="invalid_start_by")
+    if start_by <= utcnow():
+        raise InvalidInput("startBy must be in the future", code="invalid_start_by")
+    return start_by
+
+
+def _answer_created(req: falcon.Request, resp: falcon.Response, task: AiTask, created: bool) -> None:
+    session = req.context.session
+    if created:
+        # Committed here rather than by the middleware: the message leaves at this commit,
+        # and the answer depends on whether it did (see _withdraw_unsent).
+        session.commit()
+        if unsent_messages(session) and _withdraw_unsent(session, task.id):
+            raise BrokerUnavailable(f"the message of task {task.id} could not be sent; task withdrawn")
+        resp.status = falcon.HTTP_201
+        metrics.TASKS_CREATED.labels(task.type).inc()
+    else:
+        resp.set_header("Idempotent-Replayed", "true")
+    resp.media = media(schemas.TaskEnvelope(task=task_view(session, task)))
+
+
+def _withdraw_unsent(session: Session, task_id: uuid.UUID) -> bool:
+    """Delete a just-committed task whose message the broker would not take, so that the
+    503 the client gets means "nothing was submitted" and a retry (same Idempotency-Key or
+    not) submits it afresh. A pending task holds no charge and nothing refers to it. If a
+    worker has it already (the message did reach the broker) or the database cannot be
+    reached, it stays: committed and pending, the lost-message sweep sends it, and the
+    answer is the usual 201."""
+    try:
+        deleted = session.execute(
+            delete(AiTask).where(AiTask.id == task_id, AiTask.status == "pending"),
+            execution_options={"synchronize_session": False},
+        ).rowcount
+        session.commit()
+    except DBAPIError:
+        session.rollback()
+        log.warning("could not withdraw task %s; the lost-message sweep will send it", task_id, exc_info=True)
+        return False
+    return deleted == 1
 
 
 # A page stops early (with a cursor for the rest) once its tasks pass this many bytes, so
@@ -68,18 +128,60 @@ class CreateTaskResource:
 MAX_PAGE_BYTES = 1_048_576
 
 
+class EstimateTaskResource:
+    def __init__(self, url_policy: UrlPolicy = UrlPolicy()):
+        self.url_policy = url_policy
+
+    @operation("What submitting this task would cost and meet now, without creating anything",
+               body=schemas.CreateTaskBody, responses={200: schemas.EstimateOut}, errors=(404,),
+               description="The same body as create, and the same 400 for a bad one; then the cost, the credits "
+                           "available after pending tasks, whether the plan allows the type and whether the "
+                           "in-flight limit leaves room.")
+    def on_post(self, req: falcon.Request, resp: falcon.Response, body: schemas.CreateTaskBody) -> None:
+        _deadline(body.start_by)  # refused as create would
+        found = estimate_task(req.context.session, current_user(req), body.type, body.input, body.params,
+                              url_policy=self.url_policy)
+        resp.media = media(schemas.EstimateOut(
+            cost=found.cost, available=found.available, affordable=found.affordable, plan_allows=found.plan_allows,
+            in_flight=found.in_flight, max_in_flight=found.max_in_flight, has_room=found.has_room,
+            would_be_accepted=found.would_be_accepted))
+
+
+class RetryTaskResource:
+    def __init__(self, url_policy: UrlPolicy = UrlPolicy()):
+        self.url_policy = url_policy
+
+    @operation("Retry a failed, cancelled or expired task as a new task", links={201: TASK_LINKS},
+               responses={201: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
+               description="A new task with the same type, input and params, admitted and charged as any new "
+                           "one; it names the old one in retryOf, and the old one lists it in retries.")
+    def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
+        task = retry_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound),
+                          url_policy=self.url_policy)
+        _answer_created(req, resp, task, True)
+
+
+def task_view(session: Session, task: AiTask) -> schemas.TaskOut:
+    """One task as the API shows it: with its queue position and its retries."""
+    return task_out(task, position=queue_positions(session, [task]).get(task.id),
+                    retries=retries_of(session, [task.id]).get(task.id))
+
+
 class TasksResource:
     @operation("List your tasks, newest first", query=schemas.TaskListQuery, responses={200: schemas.TaskPage},
                description=f"At most `limit` tasks and about {MAX_PAGE_BYTES:,} bytes per page; "
                            "follow nextCursor for the rest.")
     def on_get(self, req, resp, query: schemas.TaskListQuery) -> None:
-        tasks, next_cursor = list_tasks(req.context.session, current_user(req), status=query.status,
+        session = req.context.session
+        tasks, next_cursor = list_tasks(session, current_user(req), status=query.status,
                                         task_type=query.type, cursor=query.cursor, limit=query.limit)
+        positions = queue_positions(session, tasks)
+        retries = retries_of(session, [task.id for task in tasks])
         # Each task is encoded once: to measure the page, and as the page.
         page: list[str] = []
         size = 0
         for index, task in enumerate(tasks):
-            item = json.dumps(media(task_out(task)))
+            item = json.dumps(media(task_out(task, position=positions.get(task.id), retries=retries.get(task.id))))
             size += len(item)
             if page and size > MAX_PAGE_BYTES:
                 next_cursor = encode_cursor(tasks[index - 1])
@@ -102,7 +204,7 @@ class TaskResource:
         # Polled by the frontend: one query, owner check included.
         task = get_task_of(req.context.session, req.context.identity.clerk_id,
                            parse_uuid(task_id, not_found=TaskNotFound))
-        resp.media = media(schemas.TaskEnvelope(task=task_out(task)))
+        resp.media = media(schemas.TaskEnvelope(task=task_view(req.context.session, task)))
 
 
 class CancelTaskResource:

@@ -3,6 +3,7 @@
 from .base import Base, utcnow
 from .billing import PlanChange
 from .credits import Transaction
+from .events import Event
 from .plans import Plan
 from .purchases import CreditPack, Purchase
 from .stripe_events import StripeEvent, SyncCursor
@@ -11,5 +12,5 @@ from .tasks import AiTask
 from .uploads import Upload
 from .users import User
 
-__all__ = ["AiTask", "Base", "CreditPack", "Plan", "PlanChange", "Purchase", "StripeEvent", "Subscription", "SyncCursor",
+__all__ = ["AiTask", "Base", "CreditPack", "Event", "Plan", "PlanChange", "Purchase", "StripeEvent", "Subscription", "SyncCursor",
            "Transaction", "Upload", "User", "utcnow"]

@@ -75,7 +75,8 @@ CHECKS: tuple[Check, ...] = (
         WHERE (a.status IN ('completed', 'processing') AND c.id IS NULL)
            OR (a.status = 'completed' AND r.id IS NOT NULL)
            OR (a.status = 'pending' AND c.id IS NOT NULL AND r.id IS NULL)
-           OR (a.status IN ('failed', 'cancelled') AND c.id IS NOT NULL AND r.id IS NULL)""",
+           OR (a.status IN ('failed', 'cancelled') AND c.id IS NOT NULL AND r.id IS NULL)
+           OR (a.status = 'expired' AND c.id IS NOT NULL)""",
           "task {id}: {status}, charged={charged}, refunded={refunded}"),
     Check("stripe_event_moves_money_once", "4", """
         SELECT stripe_event_id, type, count(*) AS n FROM transactions WHERE stripe_event_id IS NOT NULL

@@ -22,6 +22,7 @@ class Plan(Base):
         CheckConstraint("monthly_credits >= 0", name="monthly_credits_nonnegative"),
         CheckConstraint("price_cents >= 0", name="price_nonnegative"),
         CheckConstraint("max_concurrent_tasks > 0", name="max_concurrent_positive"),
+        CheckConstraint("default_start_by_seconds > 0", name="default_start_by_positive"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -31,6 +32,9 @@ class Plan(Base):
     stripe_price_id: Mapped[str | None] = mapped_column(String(128))
     allowed_task_types: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
     max_concurrent_tasks: Mapped[int] = mapped_column(Integer)
+    # A task not started within this many seconds of its submission expires (unless it
+    # says otherwise with startBy); NULL: no default deadline.
+    default_start_by_seconds: Mapped[int | None] = mapped_column(Integer)
     sort_order: Mapped[int] = mapped_column(Integer, default=0)
 
     def allows(self, task_type: str) -> bool:
@@ -68,6 +72,7 @@ class PlanRules:
     monthly_credits: int
     allowed_task_types: tuple[str, ...]
     max_concurrent_tasks: int
+    default_start_by_seconds: int | None = None
 
     def allows(self, task_type: str) -> bool:
         return task_type in self.allowed_task_types
@@ -85,5 +90,6 @@ def get_plan(session: Session, plan_id: str) -> PlanRules:
         if plan is None:
             raise PlanNotFound(f"Unknown plan {plan_id!r}")
         rules = _PLAN_CACHE[plan_id] = PlanRules(plan.id, plan.name, plan.monthly_credits,
-                                                 tuple(plan.allowed_task_types), plan.max_concurrent_tasks)
+                                                 tuple(plan.allowed_task_types), plan.max_concurrent_tasks,
+                                                 plan.default_start_by_seconds)
     return rules

@@ -46,6 +46,7 @@ from tasktypes.params import parse_params, stored_params
 from .base import Base, check_storable, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
 from .db import enqueue_after_commit
+from .events import record_event
 from .errors import (
     DomainError,
     IdempotencyKeyReused,
@@ -61,11 +62,11 @@ from .plans import get_plan, task_cost
 from .uploads import check_inputs_owned
 from .users import User, lock_user
 
-STATUSES = ("pending", "processing", "completed", "failed", "cancelled")
+STATUSES = ("pending", "processing", "completed", "failed", "cancelled", "expired")
 # Starts of one task (first delivery, retries, redeliveries after a dead worker) before it
 # is failed and refunded.
 MAX_ATTEMPTS = 5
-FINAL_STATUSES = ("completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 IN_FLIGHT = ("pending", "processing")
 
 
@@ -92,6 +93,9 @@ class AiTask(Base):
         # Admission (in-flight count, reserved credits) and the beat sweeps only look here.
         Index("ix_ai_tasks_in_flight", "status", "created_at",
               postgresql_where=text("status IN ('pending', 'processing')")),
+        # Queue position: the pending tasks of a queue, oldest first.
+        Index("ix_ai_tasks_pending_queue", "queue", "created_at", "id", postgresql_where=text("status = 'pending'")),
+        Index("ix_ai_tasks_retry_of_id", "retry_of_id", postgresql_where=text("retry_of_id IS NOT NULL")),
         # The retention job's scan: completed tasks whose output file is still stored.
         Index("ix_ai_tasks_output_unexpired", "completed_at", "id", postgresql_where=text(_OUTPUT_UNEXPIRED_SQL)),
     )
@@ -117,6 +121,10 @@ class AiTask(Base):
     enqueued_at: Mapped[datetime | None]
     # When retention deleted the output file (RETENTION_DAYS); the output's JSON stays.
     output_expired_at: Mapped[datetime | None]
+    # A task no worker has started by then ends `expired`, never charged.
+    start_by: Mapped[datetime | None]
+    # The task this one retries (POST /api/tasks/{id}/retry).
+    retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ai_tasks.id"))
 
     @property
     def is_final(self) -> bool:
@@ -251,9 +259,12 @@ def submit_task(
     *,
     idempotency_key: str | None = None,
     url_policy: UrlPolicy = UrlPolicy(),
+    start_by: datetime | None = None,
+    retry_of: uuid.UUID | None = None,
 ) -> tuple[AiTask, bool]:
     """Admit a task: valid request, own uploads, plan allows the type, in-flight under the
-    limit, available credits cover it; then its message is sent after commit.
+    limit, available credits cover it; then its message is sent after commit. A task not
+    started by `start_by` (default: the plan's default deadline, if it has one) expires.
 
     Runs with the user's row locked, so concurrent submissions see each other's pending
     reservations and an Idempotency-Key retried at once finds the first row. Returns
@@ -288,13 +299,95 @@ def submit_task(
     if available < cost:
         raise InsufficientCredits(f"This task costs {cost} credits; you have {max(available, 0)} available")
 
+    now = utcnow()
+    if start_by is None and plan.default_start_by_seconds:
+        start_by = now + timedelta(seconds=plan.default_start_by_seconds)
+    if start_by is not None and start_by <= now:
+        raise InvalidInput("startBy must be in the future", code="invalid_start_by")
     task = AiTask(user_id=user.id, type=task_type, status="pending", input=input, params=request.stored_params,
                   credits_used=cost, queue=queue_for(task_type), idempotency_key=idempotency_key,
-                  request_hash=fingerprint)
+                  request_hash=fingerprint, start_by=start_by, retry_of_id=retry_of, created_at=now)
     session.add(task)
     session.flush()
     enqueue_after_commit(session, task.type, task.id)
     return task, True
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a submission would meet now, without making anything."""
+
+    cost: int
+    available: int  # credits less what pending tasks reserve
+    affordable: bool
+    plan_allows: bool
+    in_flight: int
+    max_in_flight: int
+
+    @property
+    def has_room(self) -> bool:
+        return self.in_flight < self.max_in_flight
+
+    @property
+    def would_be_accepted(self) -> bool:
+        return self.affordable and self.plan_allows and self.has_room
+
+
+def estimate_task(session: Session, user: User, task_type: str, input: Any, params: dict[str, Any] | None = None,
+                  *, url_policy: UrlPolicy = UrlPolicy()) -> Estimate:
+    """The checks of `submit_task`, read without locking or writing: the same 400 for a bad
+    request, and then the answers instead of the refusals."""
+    params = {} if params is None else params
+    request = validate_task_request(task_type, input, params, url_policy=url_policy)
+    cost = task_cost(task_type, request.params)
+    check_inputs_owned(session, user.id, task_type, input)
+    plan = get_plan(session, user.plan_id)
+    in_flight, reserved = in_flight_and_reserved(session, user.id)
+    available = user.credits - reserved
+    return Estimate(cost=cost, available=max(available, 0), affordable=available >= cost,
+                    plan_allows=plan.allows(task_type), in_flight=in_flight, max_in_flight=plan.max_concurrent_tasks)
+
+
+RETRYABLE_STATUSES = ("failed", "cancelled", "expired")
+
+
+def retry_task(session: Session, user: User, task_id: uuid.UUID, *,
+               url_policy: UrlPolicy = UrlPolicy()) -> AiTask:
+    """A new task with the same type, input and params as the user's failed, cancelled or
+    expired task, admitted and charged as any new one, and linked to it (`retry_of_id`)."""
+    old = session.scalar(select(AiTask).where(AiTask.id == task_id, AiTask.user_id == user.id))
+    if old is None:
+        raise TaskNotFound()
+    if old.status not in RETRYABLE_STATUSES:
+        raise InvalidTransition(f"Only a failed, cancelled or expired task can be retried; this one is {old.status}")
+    task, _ = submit_task(session, user, old.type, old.input, dict(old.params or {}), url_policy=url_policy,
+                          retry_of=old.id)
+    return task
+
+
+def retries_of(session: Session, task_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[uuid.UUID]]:
+    """The retries made of each task, oldest first (the other direction of `retry_of_id`)."""
+    if not task_ids:
+        return {}
+    found: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for retry_of, retry in session.execute(select(AiTask.retry_of_id, AiTask.id).where(
+            AiTask.retry_of_id.in_(task_ids)).order_by(AiTask.created_at)):
+        found.setdefault(retry_of, []).append(retry)
+    return found
+
+
+def queue_positions(session: Session, tasks: list[AiTask]) -> dict[uuid.UUID, int]:
+    """1-based position of each pending task among the pending tasks of its queue, oldest
+    first (index-only counts on ix_ai_tasks_pending_queue)."""
+    positions = {}
+    for task in tasks:
+        if task.status != "pending":
+            continue
+        ahead = session.scalar(select(func.count()).select_from(AiTask).where(
+            AiTask.status == "pending", AiTask.queue == task.queue,
+            tuple_(AiTask.created_at, AiTask.id) < tuple_(task.created_at, task.id)))
+        positions[task.id] = ahead + 1
+    return positions
 
 
 @dataclass(frozen=True)
@@ -313,7 +406,7 @@ class TaskWork:
 
 _LOCK_FOR_START = (
     select(_tasks.c.user_id, _tasks.c.type, _tasks.c.status, _tasks.c.input, _tasks.c.params,
-           _tasks.c.credits_used, _tasks.c.attempt)
+           _tasks.c.credits_used, _tasks.c.attempt, _tasks.c.start_by)
     .where(_tasks.c.id == bindparam("task_id")).with_for_update()
 )
 
@@ -327,14 +420,25 @@ _MARK_UNFUNDED = (
     _tasks.update().where(_tasks.c.id == bindparam("task_id"))
     .values(status="failed", error_code="insufficient_credits", error=bindparam("error"), completed_at=bindparam("now"))
 )
-_REPORT_PROGRESS = (
-    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
-    .values(progress=bindparam("progress")).returning(_tasks.c.status)
-)
+# Returns the progress it replaced too (the row as it was, read under the same lock), so
+# a step past a tenth is announced once.
+_REPORT_PROGRESS = text("""
+    UPDATE ai_tasks t SET progress = :progress
+    FROM (SELECT id, progress FROM ai_tasks WHERE id = :task_id FOR UPDATE) AS before
+    WHERE t.id = before.id AND t.status = 'processing'
+    RETURNING t.status, t.user_id, before.progress AS previous
+""")
 _COMPLETE = (
     _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "processing")
     .values(status="completed", output=bindparam("output", type_=JSONB), progress=100,
             completed_at=bindparam("now"), error=None, error_code=None)
+    .returning(_tasks.c.user_id)
+)
+_EXPIRE = (
+    _tasks.update().where(_tasks.c.id == bindparam("task_id"), _tasks.c.status == "pending")
+    .values(status="expired", completed_at=bindparam("now"), error_code="expired",
+            error="No worker started the task before its startBy deadline")
+    .returning(_tasks.c.user_id)
 )
 
 
@@ -354,6 +458,9 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
     row = session.execute(_LOCK_FOR_START, {"task_id": task_id}).one_or_none()
     if row is None:
         return None
+    if row.status == "pending" and row.start_by is not None and row.start_by <= utcnow():
+        expire_task(session, task_id)
+        return None
     if row.status == "pending":
         try:
             # spend_credits raises before it writes anything, so no savepoint is needed.
@@ -362,8 +469,12 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
         except InsufficientCredits:
             session.execute(_MARK_UNFUNDED, {"task_id": task_id, "now": utcnow(),
                                              "error": f"Not enough credits: this task costs {row.credits_used}"})
+            record_event(session, "task.failed", user_id=row.user_id, task_id=task_id,
+                         data={"status": "failed", "errorCode": "insufficient_credits"})
             return None
         session.execute(_MARK_STARTED, {"task_id": task_id, "now": utcnow()})
+        record_event(session, "task.started", user_id=row.user_id, task_id=task_id,
+                     data={"status": "processing", "attempt": row.attempt + 1})
     elif row.status == "processing" and may_resume:
         if row.attempt >= MAX_ATTEMPTS:
             # A task that keeps killing its worker (out of memory, a crashing decoder) would
@@ -380,8 +491,13 @@ def start_task(session: Session, task_id: uuid.UUID, *, may_resume: bool = False
 def report_progress(session: Session, task_id: uuid.UUID, progress: int) -> str | None:
     """Store progress while processing; return the task's current status (for cancellation)."""
     progress = max(0, min(100, int(progress)))
-    status = session.execute(_REPORT_PROGRESS, {"task_id": task_id, "progress": progress}).scalar_one_or_none()
-    return status or task_status(session, task_id)
+    row = session.execute(_REPORT_PROGRESS, {"task_id": task_id, "progress": progress}).one_or_none()
+    if row is None:
+        return task_status(session, task_id)
+    if progress // 10 > row.previous // 10:  # a tenth more done: announced (at most ten a task)
+        record_event(session, "task.progress", user_id=row.user_id, task_id=task_id,
+                     data={"status": "processing", "progress": progress})
+    return row.status
 
 
 def task_status(session: Session, task_id: uuid.UUID) -> str | None:
@@ -398,8 +514,32 @@ def complete_task(session: Session, task_id: uuid.UUID, output: dict[str, Any]) 
     characters, lone surrogates, NaN), so the caller fails and refunds instead.
     """
     check_storable(output, "output", code="output_invalid")
-    result = session.execute(_COMPLETE, {"task_id": task_id, "output": output, "now": utcnow()})
-    return result.rowcount == 1
+    user_id = session.execute(_COMPLETE, {"task_id": task_id, "output": output, "now": utcnow()}).scalar_one_or_none()
+    if user_id is None:
+        return False
+    record_event(session, "task.completed", user_id=user_id, task_id=task_id, data={"status": "completed"})
+    return True
+
+
+def expire_task(session: Session, task_id: uuid.UUID) -> bool:
+    """End a pending task past its deadline: `expired`, never charged, its reservation
+    released (a reservation is a pending task's price)."""
+    user_id = session.execute(_EXPIRE, {"task_id": task_id, "now": utcnow()}).scalar_one_or_none()
+    if user_id is None:
+        return False
+    record_event(session, "task.expired", user_id=user_id, task_id=task_id,
+                 data={"status": "expired", "errorCode": "expired"})
+    return True
+
+
+def expire_overdue_tasks(session: Session, now: datetime | None = None, limit: int = 500) -> int:
+    """Expire pending tasks whose deadline passed (beat's sweep): each locked, skipped if
+    a worker holds it at this moment (it will expire or start it itself)."""
+    overdue = session.scalars(
+        select(AiTask.id).where(AiTask.status == "pending", AiTask.start_by <= (now or utcnow()))
+        .order_by(AiTask.start_by).limit(limit).with_for_update(skip_locked=True)
+    ).all()
+    return sum(expire_task(session, task_id) for task_id in overdue)
 
 
 def refund_task(session: Session, task: AiTask, reason: str) -> Row | None:
@@ -423,6 +563,8 @@ def fail_task(session: Session, task_id: uuid.UUID, message: str, code: str = "p
     task.status, task.error, task.error_code, task.completed_at = "failed", message[:2000], code, utcnow()
     refund_task(session, task, f"Refund: {task.type} task failed")
     session.flush()
+    record_event(session, "task.failed", user_id=task.user_id, task_id=task.id,
+                 data={"status": "failed", "errorCode": code})
     return True
 
 
@@ -437,6 +579,8 @@ def cancel_task(session: Session, user: User, task_id: uuid.UUID) -> AiTask:
     task.error_code, task.error = "cancelled", "Cancelled by the user"
     refund_task(session, task, f"Refund: {task.type} task cancelled")
     session.flush()
+    record_event(session, "task.cancelled", user_id=task.user_id, task_id=task.id,
+                 data={"status": "cancelled", "errorCode": "cancelled"})
     return task
 
 

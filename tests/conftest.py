@@ -168,7 +168,7 @@ def user_headers(client, make_token) -> dict[str, str]:
 # --- end-to-end: committed data, real worker processes -------------------------------
 
 E2E_TABLES = ("transactions", "ai_tasks", "uploads", "stripe_events", "sync_cursors", "purchases", "subscriptions",
-              "plan_changes", "users")
+              "plan_changes", "events", "users")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import metrics
 from models.db import session_scope
 from models.leases import task_lease
 from models.tasks import (
+    expire_overdue_tasks,
     fail_task,
     requeue_lost_tasks,
     stuck_processing_tasks,
@@ -30,13 +31,18 @@ def reset_monthly_credits() -> dict[str, int]:
 
 @app.task(name="maintenance.sweep_lost_messages", ignore_result=True)
 def sweep_lost_messages() -> int:
-    """Re-send pending tasks whose message never got picked up (after this job commits).
+    """Expire pending tasks past their deadline (startBy), and re-send pending tasks whose
+    message never got picked up (after this job commits).
     It reads ids and types only, so no stored request, however odd, can stop it."""
     age = timedelta(seconds=runtime.settings().lost_message_after_seconds)
+    with session_scope(runtime.sessions()) as session:
+        # Past their deadline first: an expired task is not worth a message.
+        expired = expire_overdue_tasks(session)
     with session_scope(runtime.sessions()) as session:
         resent = requeue_lost_tasks(session, age)
     metrics.JOB_RUNS.labels("sweep", "ok").inc()
     metrics.JOB_ROWS.labels("sweep", "done").inc(resent)
+    metrics.JOB_ROWS.labels("expire", "done").inc(expired)
     return resent
 
 
