@@ -40,6 +40,12 @@ task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 
 broker_connection_retry_on_startup = True
+# A worker that loses the broker keeps trying to reconnect for as long as it takes (the
+# default gives up after 100 tries and exits), and lets the tasks it is running finish:
+# their results are in PostgreSQL, and a message Redis lost meanwhile is re-sent by the
+# lost-message sweep (its redelivery, if any, finds the task final and is dropped).
+broker_connection_max_retries = None
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 # Flower and operators see task events from `task-received` on. The `task-sent` event is
 # off: it would be a second broker publish inside every API submission.

@@ -9,6 +9,7 @@ import falcon
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 import metrics
+from models.db import database_unreachable  # noqa: F401 (also read from here)
 from models.errors import DomainError
 
 log = logging.getLogger("studiox.api")
@@ -67,21 +68,6 @@ def handle_domain_error(req: falcon.Request, resp: falcon.Response, exc: DomainE
     _write(resp, exc.status_code, body)
 
 
-# SQLSTATEs that mean "the server is going away or full", besides connection errors (08xxx).
-_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300"}
-
-
-def database_unreachable(exc: DBAPIError) -> bool:
-    """The database cannot be reached or dropped the connection: worth a retry. Other
-    OperationalErrors (a statement timeout, a program limit, disk full) are not."""
-    if exc.connection_invalidated:
-        return True
-    sqlstate = getattr(exc.orig, "sqlstate", None)
-    if sqlstate is None:
-        return isinstance(exc, OperationalError)  # no server answer at all: connect failed
-    return sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_STATES
-
-
 def handle_database_unavailable(req: falcon.Request, resp: falcon.Response, exc: DBAPIError, params) -> None:
     """A 503 the client may retry when the database is out of reach; any other database error
     is a bug or a limit, answered (and logged) as the 500 it is."""
@@ -91,6 +77,17 @@ def handle_database_unavailable(req: falcon.Request, resp: falcon.Response, exc:
     log.warning("database unavailable on %s %s: %s", req.method, req.path, exc.orig or exc)
     resp.set_header("Retry-After", "5")
     _write(resp, 503, error_body(503, "The database is unavailable; try again shortly", "database_unavailable"))
+
+
+class BrokerUnavailable(Exception):
+    """Work could not be queued because the broker is out of reach; nothing was kept."""
+
+
+def handle_broker_unavailable(req: falcon.Request, resp: falcon.Response, exc: BrokerUnavailable, params) -> None:
+    log.warning("broker unavailable on %s %s: %s", req.method, req.path, exc)
+    resp.set_header("Retry-After", "5")
+    _write(resp, 503, error_body(503, "The task queue is unavailable; nothing was submitted, try again shortly",
+                                 "broker_unavailable"))
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params) -> None:
@@ -107,3 +104,4 @@ def install(app: falcon.App) -> None:
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(DomainError, handle_domain_error)
     app.add_error_handler((OperationalError, InterfaceError), handle_database_unavailable)
+    app.add_error_handler(BrokerUnavailable, handle_broker_unavailable)

@@ -13,13 +13,15 @@ from contextlib import contextmanager
 
 from sqlalchemy import create_engine as _create_engine
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
 _OUTBOX = "studiox.outbox"
 _SENDER = "studiox.send_task"
+_UNSENT = "studiox.unsent"
 
 # Publishes one message: (task type, task id), or (maintenance job name, its argument, such
 # as a Stripe event id). The API and the worker each pass their Celery-backed sender;
@@ -27,11 +29,38 @@ _SENDER = "studiox.send_task"
 SendTask = Callable[[str, "uuid.UUID | str"], None]
 
 
+# Seconds to wait for the server to accept a connection (unless the URL says otherwise): a
+# database host that drops packets fails the request (503) or the task (retried) instead of
+# holding it for ever. A refused or restarting server fails at once anyway.
+CONNECT_TIMEOUT_SECONDS = 5
+
+
 def create_engine(url: str, **kwargs) -> Engine:
+    # pool_pre_ping: a pooled connection the server dropped (a restart, a failover) is
+    # replaced at checkout, so the first request after an outage does not fail on it.
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **kwargs.get("connect_args", {})}
     return _create_engine(url, **kwargs)
+
+
+# SQLSTATEs that mean "the server is going away or full", besides connection errors (08xxx).
+_UNAVAILABLE_STATES = {"57P01", "57P02", "57P03", "53300"}
+
+
+def database_unreachable(exc: DBAPIError) -> bool:
+    """The database cannot be reached or dropped the connection: worth a retry (the API
+    answers 503, a worker retries the task). Other OperationalErrors (a statement timeout,
+    a program limit, disk full) are not."""
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:
+        return isinstance(exc, OperationalError)  # no server answer at all: connect failed
+    return sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_STATES
 
 
 def make_session_factory(bind, *, send_task: SendTask | None = None, **kwargs) -> sessionmaker[Session]:
@@ -82,11 +111,26 @@ def _flush_outbox(session: Session) -> None:
     if send is None:
         log.warning("%d task message(s) committed with no sender; the sweep will send them", len(outbox))
         return
-    for _, task_type, task_id in outbox:
+    unsent = session.info.setdefault(_UNSENT, [])
+    for index, (_, task_type, task_id) in enumerate(outbox):
         try:
             send(task_type, task_id)
+        except ConnectionError as exc:
+            # The broker is out of reach (the sender gave up within its bounded retry): the
+            # others would each wait as long to fail the same way.
+            log.warning("the broker is unavailable (%s): %d message(s) not sent", exc, len(outbox) - index)
+            unsent.extend((t, i) for _, t, i in outbox[index:])
+            return
         except Exception:  # the row is committed; the sweep re-sends lost messages
             log.exception("sending the message of task %s failed", task_id)
+            unsent.append((task_type, task_id))
+
+
+def unsent_messages(session: Session) -> list[tuple[str, uuid.UUID | str]]:
+    """The messages whose send after the session's last commits failed (and forgets them):
+    their rows are committed, so the lost-message sweep sends them later unless the caller
+    withdraws them (the API's submission does, and answers 503)."""
+    return session.info.pop(_UNSENT, [])
 
 
 @event.listens_for(Session, "after_soft_rollback")

@@ -11,11 +11,15 @@ import time
 import uuid
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 import logconfig
 
 from settings import Settings
 from tasktypes import APPLY_STRIPE_EVENTS_JOB, TASK_TYPE_SPECS, spec_for
+
+# Seconds a Redis broker has to accept a connection and to answer a command.
+REDIS_SOCKET_TIMEOUTS = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -37,12 +41,24 @@ def create_celery(settings: Settings) -> Celery:
             ("reconcile-stripe", "reconcile_stripe", settings.beat_reconcile_seconds),
         )
     }
+    if settings.retention_days > 0:  # RETENTION_DAYS unset or 0: files are kept for ever
+        app.conf.beat_schedule["expire-stored-files"] = {
+            "task": "maintenance.expire_stored_files", "schedule": float(settings.beat_retention_seconds)}
     # Redis redelivers a message nobody acknowledged after the visibility timeout. It must be
     # longer than the longest hard time limit, or a long task would run twice at once.
     app.conf.broker_transport_options = {
         "visibility_timeout": 2 * max(limit.hard for limit in limits.values()) + 600,
     }
+    if settings.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+        # A Redis that stops answering (frozen, or gone without closing the connection)
+        # fails a command within these bounds instead of holding the caller for ever. The
+        # worker's BRPOP runs in its event loop with its own checks, not under socket_timeout.
+        app.conf.broker_transport_options.update(REDIS_SOCKET_TIMEOUTS)
     return app
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker did not take a message within the bounded publish retry."""
 
 
 class TaskQueue:
@@ -52,6 +68,10 @@ class TaskQueue:
     # covers every request that commits before it is due.
     COALESCED = (APPLY_STRIPE_EVENTS_JOB,)
     COALESCE_SECONDS = 0.5
+    # A publish to a broker that is down is retried briefly, then given up: the caller (an
+    # API request) answers 503 within a few seconds, and the lost-message sweep re-sends
+    # whatever was committed. Each try is bounded by REDIS_SOCKET_TIMEOUTS on Redis.
+    PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5}
 
     def __init__(self, celery: Celery):
         self.celery = celery
@@ -59,15 +79,24 @@ class TaskQueue:
         self._covered_until: dict[str, float] = {}
 
     def send(self, name: str, task_id: uuid.UUID | str) -> None:
-        """Send a task type's message, or a maintenance job's (`maintenance.*`) with its argument."""
+        """Send a task type's message, or a maintenance job's (`maintenance.*`) with its argument.
+
+        Raises BrokerUnavailable (a ConnectionError) when the broker cannot be reached within
+        PUBLISH_RETRY_POLICY and the socket timeouts: a few seconds at worst, never a hang."""
         if name in self.COALESCED:
             return self._send_coalesced(name)
         # Routing by name (celeryconfig.task_routes) picks the queue.
         task = name if name.startswith("maintenance.") else spec_for(name).celery_task
         # The worker's log lines of this task carry the id of the request that sent it.
         request_id = logconfig.REQUEST_ID.get()
-        self.celery.send_task(task, args=[str(task_id)],
-                              headers={logconfig.REQUEST_ID_HEADER: request_id} if request_id else None)
+        self._publish(task, args=[str(task_id)],
+                      headers={logconfig.REQUEST_ID_HEADER: request_id} if request_id else None)
+
+    def _publish(self, task: str, **options) -> None:
+        try:
+            self.celery.send_task(task, retry=True, retry_policy=self.PUBLISH_RETRY_POLICY, **options)
+        except OperationalError as exc:  # kombu's: the connection failed after the retries
+            raise BrokerUnavailable(str(exc)) from exc
 
     def _send_coalesced(self, name: str) -> None:
         # The caller has committed. A job already queued to run after this moment will see
@@ -78,7 +107,7 @@ class TaskQueue:
                 return
             self._covered_until[name] = now + self.COALESCE_SECONDS
         try:
-            self.celery.send_task(name, countdown=self.COALESCE_SECONDS)
+            self._publish(name, countdown=self.COALESCE_SECONDS)
         except Exception:
             with self._lock:
                 self._covered_until[name] = 0.0

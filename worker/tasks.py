@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 import metrics
 
-from models.db import session_scope
+from models.db import database_unreachable, session_scope
 from models.errors import DomainError
 from models.leases import Lease, task_lease
 from models.tasks import (
@@ -47,6 +47,12 @@ from .processors import (
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3
+# A database that went away (a restart, a failover) is waited out: the message is retried
+# after 1, 2, 4, 8, 15, 15… seconds, about 75 s in all, and the retry resumes the task under
+# its lease, charged once (or starts it, if the charge never committed). Past that the
+# message is dropped, and the lost-message sweep (pending) or the reaper (processing)
+# settles the task.
+DATABASE_RETRIES = 8
 # A killed runner's database session ends within milliseconds of its process; waiting
 # this long for its lease tells a redelivery from a live duplicate.
 LEASE_WAIT_SECONDS = 3.0
@@ -116,9 +122,29 @@ def run_ai_task(celery_task, task_id: str, task_type: str = "unknown") -> str:
     except Retry:
         outcome = "retry"
         raise
+    except DBAPIError as exc:
+        if not database_unreachable(exc):
+            raise
+        outcome, code = "retry", "database_unavailable"
+        _retry_when_the_database_is_back(celery_task, task_id, exc)  # raises Retry, or
+        outcome = "error"
+        raise  # retried too often: the sweep or the reaper settles the task
     finally:
         metrics.TASK_OUTCOMES.labels(task_type, outcome, code).inc()
         metrics.TASK_DURATION.labels(task_type, outcome).observe(time.monotonic() - began)
+
+
+def _retry_when_the_database_is_back(celery_task, task_id: str, exc: DBAPIError) -> None:
+    """Raise Retry (the message comes back after a backoff), or return once retried enough."""
+    retries = celery_task.request.retries
+    if retries >= DATABASE_RETRIES:
+        log.error("task %s: the database is still unavailable after %d retries; the sweep or the reaper "
+                  "will settle it", task_id, retries)
+        return
+    countdown = min(2 ** retries, 15)
+    log.warning("task %s: the database is unavailable (%s); retrying in %d s", task_id,
+                type(exc.orig or exc).__name__, countdown)
+    raise celery_task.retry(exc=exc, countdown=countdown, max_retries=DATABASE_RETRIES)
 
 
 def _run(celery_task, task_id: str, task_type: str) -> tuple[str, str]:
@@ -136,7 +162,8 @@ def _run(celery_task, task_id: str, task_type: str) -> tuple[str, str]:
             with lease.session() as session:
                 work = start_task(session, tid, may_resume=True)
         except DBAPIError:
-            # The database, not the task: the task stays pending and the sweep re-sends it.
+            # The database, not the task: retried (run_ai_task), and the task stays pending
+            # (or, if the charge did commit, processing: the retry resumes it uncharged).
             raise
         except Exception:
             # A stored request this worker cannot read: acking it silently would leave the
@@ -163,6 +190,11 @@ def _run(celery_task, task_id: str, task_type: str) -> tuple[str, str]:
             return _fail(tid, exc.message, exc.code, work)
         except SoftTimeLimitExceeded:
             return _fail(tid, "The task took longer than its time limit", "time_limit_exceeded", work)
+        except DBAPIError as exc:
+            if database_unreachable(exc):
+                raise  # the database, not the task: retried (run_ai_task), resumed uncharged
+            log.exception("task %s failed", tid)
+            return _fail(tid, "Processing failed unexpectedly", "processing_failed", work)
         except Exception:
             log.exception("task %s failed", tid)
             return _fail(tid, "Processing failed unexpectedly", "processing_failed", work)
