@@ -33,6 +33,14 @@ SendTask = Callable[[str, "uuid.UUID | str"], None]
 # database host that drops packets fails the request (503) or the task (retried) instead of
 # holding it for ever. A refused or restarting server fails at once anyway.
 CONNECT_TIMEOUT_SECONDS = 5
+# TCP keepalives on both ends (each unless the URL sets its own). The server's matter most:
+# a worker host that vanished (power, network) never closes its connections, and without
+# them PostgreSQL would keep its session, and the lease of the task it ran, for about two
+# hours (Linux's defaults); with them the session ends within about a minute and the reaper
+# can refund the task. Behind PgBouncer, which refuses `options`, set `tcp_keepalives_*` in
+# postgresql.conf instead and put `options=` in DATABASE_URL's query to skip these.
+CLIENT_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+SERVER_KEEPALIVES = "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3"
 
 
 def create_engine(url: str, **kwargs) -> Engine:
@@ -42,8 +50,11 @@ def create_engine(url: str, **kwargs) -> Engine:
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 20)
     parsed = make_url(url)
-    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **kwargs.get("connect_args", {})}
+    if parsed.get_backend_name() == "postgresql":
+        defaults = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, **CLIENT_KEEPALIVES, "options": SERVER_KEEPALIVES}
+        given = {**parsed.query, **kwargs.get("connect_args", {})}
+        kwargs["connect_args"] = {**{k: v for k, v in defaults.items() if k not in given},
+                                  **kwargs.get("connect_args", {})}
     return _create_engine(url, **kwargs)
 
 

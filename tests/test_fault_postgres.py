@@ -102,3 +102,19 @@ def test_postgres_restarted_under_load(stack, mode):
     # the database is back: resumed under its lease without a second charge, or started if
     # its charge never committed. None is failed for the database's sake.
     assert set(outcomes.values()) == {"completed"}, outcomes
+
+
+def test_connections_ask_the_server_for_tcp_keepalives(databases):
+    """So a worker host that vanishes does not keep its session (and its task's lease) for
+    the two hours of Linux's defaults: the server probes after 30 s and gives up in a minute."""
+    from sqlalchemy import text
+
+    from models.db import create_engine
+
+    engine = create_engine(databases["unit"])
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW tcp_keepalives_idle")).scalar() in ("30", "30s")
+            assert conn.execute(text("SHOW tcp_keepalives_count")).scalar() == "3"
+    finally:
+        engine.dispose()
