@@ -59,11 +59,36 @@ def _float(env: dict[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _positive_float(env: dict[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+    return value
+
+
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name)
     if raw in (None, ""):
         return default
     return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+# Seconds before each retry of a webhook delivery (the first attempt is at once): about a
+# day in all, then the delivery has failed (WEBHOOK_RETRY_SECONDS, a comma list).
+WEBHOOK_RETRY_DEFAULT = (5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 28800.0)
+
+
+def _seconds_list(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        values = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of seconds, got {raw!r}") from None
+    if any(value < 0 for value in values):
+        raise ConfigError(f"{name} must not hold a negative number of seconds, got {raw!r}")
+    return values
 
 
 def _proxies(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -154,6 +179,14 @@ class Settings:
     # by a beat job every beat_retention_seconds. The ledger and the task rows stay.
     retention_days: int = 0
     beat_retention_seconds: int = 3600
+    # Webhooks (BEAT_WEBHOOKS_SECONDS, WEBHOOK_*): how often beat fans new events out and
+    # sends due deliveries; each attempt's timeout; the delays between attempts; how long
+    # an endpoint may fail every delivery before it is disabled; parallel sends per run.
+    beat_webhooks_seconds: int = 5
+    webhook_timeout_seconds: float = 10.0
+    webhook_retry_seconds: tuple[float, ...] = WEBHOOK_RETRY_DEFAULT
+    webhook_disable_after_seconds: float = 86400.0
+    webhook_concurrency: int = 4
     # Requests per window (0: no limit), per user by plan and per client IP; counted in
     # Redis (RATE_LIMIT_REDIS_URL, default REDIS_URL when it is a Redis URL). Constructed
     # directly, Settings has none; from the environment the defaults below apply.
@@ -161,6 +194,16 @@ class Settings:
     rate_limit_ip: int = 0
     rate_limit_window_seconds: int = 60
     rate_limit_redis_url: str = ""
+    # Wake-ups for waiting requests and event streams (Redis pub/sub; EVENTS_REDIS_URL, default
+    # REDIS_URL when it is a Redis URL). Without one, waits poll the database every
+    # events_poll_seconds instead.
+    events_redis_url: str = ""
+    events_poll_seconds: float = 2.0
+    # Seconds between `: keep-alive` comments on an idle event stream.
+    events_keepalive_seconds: float = 15.0
+    # Requests held by `Prefer: wait` at once in one API process; past it they answer at once.
+    # Constructed directly, Settings has none (0); from the environment the default is 200.
+    wait_max_per_process: int = 0
     # Proxies whose X-Forwarded-For is believed (IPs or CIDRs).
     trusted_proxies: tuple[str, ...] = ()
     # GET /metrics needs it as a bearer token (unset: nobody reads the API's metrics).
@@ -253,6 +296,11 @@ class Settings:
             s3_endpoint_url=(env.get("S3_ENDPOINT_URL") or "").strip(),
             retention_days=_int(env, "RETENTION_DAYS", 0),
             beat_retention_seconds=_positive(env, "BEAT_RETENTION_SECONDS", 3600),
+            beat_webhooks_seconds=_positive(env, "BEAT_WEBHOOKS_SECONDS", 5),
+            webhook_timeout_seconds=_float(env, "WEBHOOK_TIMEOUT_SECONDS", 10.0),
+            webhook_retry_seconds=_seconds_list(env, "WEBHOOK_RETRY_SECONDS", WEBHOOK_RETRY_DEFAULT),
+            webhook_disable_after_seconds=_float(env, "WEBHOOK_DISABLE_AFTER_SECONDS", 86400.0),
+            webhook_concurrency=max(1, _int(env, "WEBHOOK_CONCURRENCY", 4)),
             rate_limit_plans=MappingProxyType({
                 plan: _int(env, f"RATE_LIMIT_{plan.upper()}", default)
                 for plan, default in RATE_LIMIT_DEFAULTS.items()}),
@@ -260,6 +308,11 @@ class Settings:
             rate_limit_window_seconds=max(1, _int(env, "RATE_LIMIT_WINDOW_SECONDS", 60)),
             rate_limit_redis_url=env.get("RATE_LIMIT_REDIS_URL") or (
                 redis_url if redis_url.startswith(("redis://", "rediss://", "unix://")) else ""),
+            events_redis_url=env.get("EVENTS_REDIS_URL") or (
+                redis_url if redis_url.startswith(("redis://", "rediss://", "unix://")) else ""),
+            events_poll_seconds=_positive_float(env, "EVENTS_POLL_SECONDS", 2.0),
+            events_keepalive_seconds=_positive_float(env, "EVENTS_KEEPALIVE_SECONDS", 15.0),
+            wait_max_per_process=max(0, _int(env, "WAIT_MAX_PER_PROCESS", 200)),
             trusted_proxies=_proxies(env),
             metrics_token=env.get("METRICS_TOKEN", ""),
             worker_metrics_port=_int(env, "WORKER_METRICS_PORT", 0),

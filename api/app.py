@@ -13,11 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.db import create_engine, make_session_factory
 from models.base import MAX_JSON_DEPTH, check_storable
 from models.errors import InvalidInput
+from models.events import set_notifier
 from models.tasks import UrlPolicy
+from notify import RedisNotifier
 from settings import Settings
 from storage import storage_from_settings
 
-from . import billing, docs, errors, health, observability, outputs, tasks, uploads, users
+from . import billing, console, docs, errors, health, live, observability, outputs, tasks, uploads, users, webhooks
 from .auth import AuthMiddleware, TokenVerifier
 from logconfig import configure_logging
 from .middleware import BodyLimitMiddleware, CorsMiddleware, RequestIdMiddleware, SessionMiddleware
@@ -30,9 +32,12 @@ from .ratelimit import RateLimiter, RateLimitMiddleware
 RATE_LIMIT_EXEMPT = ("/health", "/api/billing/webhook", "/metrics")
 
 
-def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str, Any]]:
+def routes(settings: Settings, engine: Engine, queue, storage, *,
+           sessions: sessionmaker[Session] | None = None) -> list[tuple[str, Any]]:
     """Every route of the API: registered on the app and documented in /openapi.json alike."""
     money = billing.Billing(settings)
+    # Prefer: wait and the event streams of this process (nothing connects until one waits).
+    waits = live.Waits.from_settings(settings)
     upgrade = billing.UpgradePlanResource(money)
     url_policy = UrlPolicy(settings.fetch_allow_private, tuple(settings.fetch_allowed_hosts))
     table: list[tuple[str, Any]] = [
@@ -51,20 +56,31 @@ def routes(settings: Settings, engine: Engine, queue, storage) -> list[tuple[str
         ("/api/billing/next-date", billing.NextDateResource()),
         ("/api/billing/portal", billing.PortalResource(money)),
         ("/api/tasks", tasks.TasksResource()),
-        ("/api/tasks/create", tasks.CreateTaskResource(url_policy)),
+        ("/api/tasks/create", tasks.CreateTaskResource(url_policy, waits)),
         ("/api/tasks/estimate", tasks.EstimateTaskResource(url_policy)),
-        ("/api/tasks/{task_id}/retry", tasks.RetryTaskResource(url_policy)),
+        ("/api/tasks/{task_id}/retry", tasks.RetryTaskResource(url_policy, waits)),
         ("/api/tasks/stats", tasks.TaskStatsResource()),
-        ("/api/tasks/{task_id}", tasks.TaskResource()),
+        ("/api/tasks/{task_id}", tasks.TaskResource(waits)),
+        ("/api/tasks/{task_id}/events", live.TaskEventsResource(
+            sessions, waits, keepalive_seconds=settings.events_keepalive_seconds)),
         ("/api/tasks/{task_id}/cancel", tasks.CancelTaskResource()),
         ("/api/tasks/{task_id}/status", tasks.TaskStatusResource()),
         ("/api/tasks/{task_id}/output", outputs.TaskOutputResource(storage)),
         ("/api/uploads", uploads.UploadsResource(storage, settings)),
         ("/api/uploads/{upload_id}", uploads.UploadResource()),
+        ("/api/tasks/{task_id}/webhook-deliveries", webhooks.TaskWebhookDeliveriesResource()),
+        ("/api/webhooks", webhooks.WebhooksResource(url_policy)),
+        ("/api/webhooks/signing-secret", webhooks.SigningSecretResource()),
+        ("/api/webhooks/settings", webhooks.WebhookSettingsResource()),
+        ("/api/webhooks/{webhook_id}", webhooks.WebhookResource()),
+        ("/api/webhooks/{webhook_id}/deliveries", webhooks.WebhookDeliveriesResource()),
     ]
     table.append(("/metrics", observability.MetricsResource(settings.metrics_token)))
     table.append(("/openapi.json", docs.OpenApiResource(lambda: build_document(table))))
     table.append(("/docs", docs.DocsResource()))
+    # The console: a reference client on the public contract (no route or permission of its own).
+    table.append(("/", console.ConsolePageResource()))
+    table.append(("/console/{asset}", console.ConsoleAssetResource()))
     return table
 
 
@@ -78,6 +94,9 @@ def create_app(
 ) -> falcon.App:
     engine = engine or create_engine(settings.database_url)
     session_factory = session_factory or make_session_factory(engine)
+    if settings.events_redis_url:
+        # Wakes waiters (here and in other processes) when a request commits events (a cancel).
+        set_notifier(session_factory, RedisNotifier(settings.events_redis_url))
     if queue is None:
         from worker.queue import TaskQueue, create_celery
 
@@ -91,7 +110,7 @@ def create_app(
             RequestIdMiddleware(),
             CorsMiddleware(
                 allow_origins=settings.frontend_url, allow_credentials=settings.frontend_url,
-                expose_headers=["X-Request-ID", "Idempotent-Replayed"],
+                expose_headers=["X-Request-ID", "Idempotent-Replayed", "Preference-Applied"],
             ),
             # Authenticate before a byte of the body is read: an anonymous upload is refused
             # with 401 at its headers, not spooled first.
@@ -111,7 +130,7 @@ def create_app(
     app.req_options.media_handlers.pop(falcon.MEDIA_URLENCODED, None)
     errors.install(app)
 
-    for path, resource in routes(settings, engine, queue, storage):
+    for path, resource in routes(settings, engine, queue, storage, sessions=session_factory):
         app.add_route(path, resource)
     app.add_static_route("/docs/assets", docs.ASSETS_PATH)
     return app

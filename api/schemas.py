@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 from typing_extensions import Annotated
 
 from models.base import storable_text
+from models.events import TASK_EVENT_TYPES
 from models.tasks import STATUSES
 from tasktypes import TASK_TYPE_SPECS, TASK_TYPES
 from tasktypes.inputs import TaskInput
@@ -23,6 +24,7 @@ from tasktypes.params import AnalysisParams, EditParams, VideoParams
 
 TaskTypeName = Annotated[str, WithJsonSchema({"type": "string", "enum": list(TASK_TYPES)})]
 TaskStatus = Literal[STATUSES]  # type: ignore[valid-type]
+TaskEventName = Literal[TASK_EVENT_TYPES]  # type: ignore[valid-type]
 
 
 class Schema(BaseModel):
@@ -298,8 +300,18 @@ class CreateTaskBody(RequestSchema):
         None, description="A deadline: if no worker has started the task by then it ends `expired`, never "
                           "charged. An absolute time, or seconds from now (at most 30 days). Default: the "
                           "plan's (free 1 h, pro 6 h, enterprise 24 h)")
+    # The task's own webhook (no endpoint to register): deliveries signed with your signing
+    # secret (GET /api/webhooks/signing-secret); log at GET /api/tasks/{id}/webhook-deliveries.
+    webhook: str | None = Field(
+        None, min_length=1, max_length=2048, pattern=r"^[hH][tT][tT][pP][sS]?://[^\s]+$",
+        description="An http(s) URL StudioX POSTs this task's events to, signed per Standard Webhooks with your "
+                    "signing secret; not a private, loopback or metadata address")
+    webhook_events: Annotated[list[TaskEventName], Field(min_length=1)] | None = Field(
+        None, description="The events sent to `webhook`; default: how the task ends (task.completed, task.failed, "
+                          "task.cancelled, task.expired)")
     error_codes: ClassVar[dict[str, str]] = {"type": "invalid_task_type", "params": "invalid_params",
-                                             "startBy": "invalid_start_by"}
+                                             "startBy": "invalid_start_by", "webhook": "invalid_webhook_url",
+                                             "webhookEvents": "invalid_webhook_events"}
 
 
 class EstimateOut(Schema):

@@ -31,11 +31,13 @@ from models.tasks import (
     retry_task,
     submit_task,
     task_stats,
+    task_webhook,
 )
 
 from . import schemas
 from .context import current_user, parse_uuid
 from .errors import BrokerUnavailable
+from .live import PREFER_HEADER, WAIT_NOTE, Waits, wait_for_task
 from .openapi import operation
 from .serialize import media, task_out
 
@@ -58,21 +60,24 @@ TASK_LINKS = {
 
 
 class CreateTaskResource:
-    def __init__(self, url_policy: UrlPolicy = UrlPolicy()):
-        self.url_policy = url_policy
+    def __init__(self, url_policy: UrlPolicy = UrlPolicy(), waits: Waits | None = None):
+        self.url_policy, self.waits = url_policy, waits
 
-    @operation("Submit a task", body=schemas.CreateTaskBody, headers=(IDEMPOTENCY_KEY,), links={201: TASK_LINKS},
+    @operation("Submit a task", body=schemas.CreateTaskBody, headers=(IDEMPOTENCY_KEY, PREFER_HEADER),
+               links={201: TASK_LINKS},
                responses={201: schemas.TaskEnvelope, 200: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
                description="Checks the plan (403), the tasks in flight (429) and the available credits (402), "
-                           "then queues the task. Credits are charged when a worker starts it.")
+                           "then queues the task. Credits are charged when a worker starts it." + WAIT_NOTE)
     def on_post(self, req: falcon.Request, resp: falcon.Response, body: schemas.CreateTaskBody) -> None:
         key = req.get_header("Idempotency-Key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidInput("Idempotency-Key must be 1 to 255 characters", code="invalid_idempotency_key")
         session = req.context.session
+        webhook = task_webhook(body.webhook, body.webhook_events, self.url_policy)
         task, created = submit_task(session, current_user(req), body.type, body.input, body.params,
-                                    idempotency_key=key, url_policy=self.url_policy, start_by=_deadline(body.start_by))
-        _answer_created(req, resp, task, created)
+                                    idempotency_key=key, url_policy=self.url_policy, start_by=_deadline(body.start_by),
+                                    webhook=webhook)
+        _answer_created(req, resp, task, created, self.waits)
 
 
 def _deadline(start_by: datetime | float | None) -> datetime | None:
@@ -88,7 +93,8 @@ def _deadline(start_by: datetime | float | None) -> datetime | None:
     return start_by
 
 
-def _answer_created(req: falcon.Request, resp: falcon.Response, task: AiTask, created: bool) -> None:
+def _answer_created(req: falcon.Request, resp: falcon.Response, task: AiTask, created: bool,
+                    waits: Waits | None = None) -> None:
     session = req.context.session
     if created:
         # Committed here rather than by the middleware: the message leaves at this commit,
@@ -100,6 +106,7 @@ def _answer_created(req: falcon.Request, resp: falcon.Response, task: AiTask, cr
         metrics.TASKS_CREATED.labels(task.type).inc()
     else:
         resp.set_header("Idempotent-Replayed", "true")
+    wait_for_task(req, resp, waits, task)
     resp.media = media(schemas.TaskEnvelope(task=task_view(session, task)))
 
 
@@ -139,6 +146,7 @@ class EstimateTaskResource:
                            "in-flight limit leaves room.")
     def on_post(self, req: falcon.Request, resp: falcon.Response, body: schemas.CreateTaskBody) -> None:
         _deadline(body.start_by)  # refused as create would
+        task_webhook(body.webhook, body.webhook_events, self.url_policy)
         found = estimate_task(req.context.session, current_user(req), body.type, body.input, body.params,
                               url_policy=self.url_policy)
         resp.media = media(schemas.EstimateOut(
@@ -148,17 +156,17 @@ class EstimateTaskResource:
 
 
 class RetryTaskResource:
-    def __init__(self, url_policy: UrlPolicy = UrlPolicy()):
-        self.url_policy = url_policy
+    def __init__(self, url_policy: UrlPolicy = UrlPolicy(), waits: Waits | None = None):
+        self.url_policy, self.waits = url_policy, waits
 
     @operation("Retry a failed, cancelled or expired task as a new task", links={201: TASK_LINKS},
-               responses={201: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
+               headers=(PREFER_HEADER,), responses={201: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
                description="A new task with the same type, input and params, admitted and charged as any new "
-                           "one; it names the old one in retryOf, and the old one lists it in retries.")
+                           "one; it names the old one in retryOf, and the old one lists it in retries." + WAIT_NOTE)
     def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
         task = retry_task(req.context.session, current_user(req), parse_uuid(task_id, not_found=TaskNotFound),
                           url_policy=self.url_policy)
-        _answer_created(req, resp, task, True)
+        _answer_created(req, resp, task, True, self.waits)
 
 
 def task_view(session: Session, task: AiTask) -> schemas.TaskOut:
@@ -198,12 +206,18 @@ class TaskStatsResource:
 
 
 class TaskResource:
+    def __init__(self, waits: Waits | None = None):
+        self.waits = waits
+
     @operation("Read one of your tasks (poll it for progress)", responses={200: schemas.TaskEnvelope},
-               errors=(404,))
+               headers=(PREFER_HEADER,), errors=(404,),
+               description="Or, rather than polling, wait for it to end with Prefer: wait, or follow it with "
+                           "GET /api/tasks/{task_id}/events." + WAIT_NOTE)
     def on_get(self, req, resp, task_id: str) -> None:
         # Polled by the frontend: one query, owner check included.
         task = get_task_of(req.context.session, req.context.identity.clerk_id,
                            parse_uuid(task_id, not_found=TaskNotFound))
+        wait_for_task(req, resp, self.waits, task)
         resp.media = media(schemas.TaskEnvelope(task=task_view(req.context.session, task)))
 
 

@@ -127,18 +127,46 @@ def process_env(var_dir: Path) -> dict[str, str]:
 
 # --- startup steps ---------------------------------------------------------------------
 
-def ensure_dev_user(database_url: str) -> bool:
-    """The user the development token names; True when it was created just now."""
+# The development user may try every task type: a plan that allows them all, and credits to
+# spend (topped up to DEV_CREDITS by an operator's ledger row whenever a run finds fewer than
+# DEV_MIN_CREDITS; the pro plan's monthly 500 are usually enough).
+DEV_PLAN = "pro"
+DEV_CREDITS = 1000
+DEV_MIN_CREDITS = 200
+
+
+def ensure_dev_user(database_url: str, *, development: bool = True) -> bool:
+    """The user the development token names; True when it was created just now. In
+    development it is kept on a plan that allows every task type, with credits to spend."""
     from models.db import create_engine, make_session_factory, session_scope
     from models.credits import initialize_user
 
     engine = create_engine(database_url, pool_size=1, max_overflow=0)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            _, created = initialize_user(session, DEV_CLERK_ID, email="dev-user@example.com", name="Development user")
+            user, created = initialize_user(session, DEV_CLERK_ID, email="dev-user@example.com", name="Development user")
+            if development:
+                equip_dev_user(session, user)
         return created
     finally:
         engine.dispose()
+
+
+def equip_dev_user(session, user) -> None:
+    """Through the operator's own operations, so the ledger explains every credit."""
+    from models.billing import change_plan
+    from models.credits import adjust_credits
+    from models.plans import get_plan
+    from tasktypes import TASK_TYPE_SPECS
+
+    plan = get_plan(session, user.plan_id)
+    if not all(plan.allows(t) for t in TASK_TYPE_SPECS) and user.stripe_subscription_id is None:
+        user = change_plan(session, user.id, DEV_PLAN, reason="operator")
+        say(f"moved the development user to the {DEV_PLAN!r} plan (every task type)")
+    if user.credits < DEV_MIN_CREDITS:
+        adjust_credits(session, user.id, DEV_CREDITS - user.credits, bucket="purchased",
+                       reason="make run: development credits")
+        say(f"topped the development user up to {DEV_CREDITS} credits")
 
 
 def dev_token(settings) -> str | None:
@@ -187,14 +215,33 @@ def wait_until_ready(api_url: str, flower: tuple[str, int], stopping: threading.
     return not stopping.is_set()
 
 
+def events_port(env: dict[str, str], host: str, port: int) -> int:
+    """EVENTS_PORT, or (unset) the API's port + 1, or a free one if that is taken: the events
+    process is an extra, and a developer's other server on 8001 should not stop `make run`."""
+    if env.get("EVENTS_PORT"):
+        return _port(env, "EVENTS_PORT", 8001)
+    from devenv.embedded import free_port
+
+    wanted = port + 1
+    return wanted if wanted < 65536 and not port_in_use(host, wanted) else free_port()
+
+
+def console_link(api_url: str, token: str | None) -> str:
+    """The console's address; with a token, signed in (it reads `#token=` and keeps it in the tab)."""
+    return f"{api_url}/#token={token}" if token else f"{api_url}/"
+
+
 def banner(*, environment: str, api_url: str, flower_url: str, flower_auth: str | None, database: str, broker: str,
-           token: str | None) -> str:
+           token: str | None, events_url: str | None = None) -> str:
     rule = "─" * 78
     lines = [
         "", rule,
         f"  StudioX is running ({environment})",
         "",
         f"  API       {api_url}    (health: {api_url}/health)",
+        # The token rides in the fragment, which the browser keeps to itself: no route serves it.
+        f"  Console   {console_link(api_url, token)}",
+        *([f"  Events    {events_url}/api/tasks/{{id}}/events    (Server-Sent Events)"] if events_url else []),
         f"  Flower    {flower_url}    " + (f"login {flower_auth}" if flower_auth else "(no authentication)"),
         f"  Database  {database}",
         f"  Broker    {broker}",
@@ -361,11 +408,13 @@ def run(migrate_only: bool) -> int:
     host = env["BIND_HOST"]
     port, flower_port = _port(env, "PORT", 8000), _port(env, "FLOWER_PORT", 5555)
     embedded_redis = not (env.get("REDIS_URL") or env.get("BROKER_URL"))
+    check_host = host if host not in ("", "::") else "0.0.0.0"
     if not migrate_only:
-        ports = {"PORT": port, "FLOWER_PORT": flower_port}
+        env["EVENTS_PORT"] = str(events_port(env, check_host, port))
+        ports = {"PORT": port, "FLOWER_PORT": flower_port, "EVENTS_PORT": int(env["EVENTS_PORT"])}
         if embedded_redis and env.get("REDIS_PORT"):
             ports["REDIS_PORT"] = _port(env, "REDIS_PORT", 6379)
-        check_ports(host if host not in ("", "::") else "0.0.0.0", ports)
+        check_ports(check_host, ports)
 
     startup = StopRequests()
     signal.signal(signal.SIGINT, startup)
@@ -411,8 +460,8 @@ def run(migrate_only: bool) -> int:
             settings = Settings.from_env(env)
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
-        if ensure_dev_user(settings.database_url):
-            say(f"created the development user {DEV_CLERK_ID!r} with the free plan's credits")
+        if ensure_dev_user(settings.database_url, development=settings.environment == "development"):
+            say(f"created the development user {DEV_CLERK_ID!r}")
         startup.check()
 
         display_host = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
@@ -425,6 +474,7 @@ def run(migrate_only: bool) -> int:
             database=f"{_without_password(database)} {database_note}",
             broker=f"{_without_password(settings.broker_url)} {broker_note}",
             token=dev_token(settings),
+            events_url=f"http://{display_host}:{env['EVENTS_PORT']}",
         )
         # `.venv/bin/studiox` in another terminal finds these servers here (DATABASE_URL unset).
         services = var_dir / SERVICES_FILE

@@ -11,6 +11,8 @@ from .subscriptions import Subscription
 from .tasks import AiTask
 from .uploads import Upload
 from .users import User
+from .webhooks import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookFanout, WebhookSigningSecret
 
 __all__ = ["AiTask", "Base", "CreditPack", "Event", "Plan", "PlanChange", "Purchase", "StripeEvent", "Subscription", "SyncCursor",
-           "Transaction", "Upload", "User", "utcnow"]
+           "Transaction", "Upload", "User", "WebhookAttempt", "WebhookDelivery", "WebhookEndpoint", "WebhookFanout",
+           "WebhookSigningSecret", "utcnow"]

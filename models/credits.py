@@ -34,7 +34,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from .base import Base, sql_in, utcnow
 from .errors import InsufficientCredits, InvalidInput, UserNotFound
-from .plans import FREE_PLAN_ID, get_plan
+from .events import record_event
+from .plans import FREE_PLAN_ID, Plan, get_plan
 from .resets import start_monthly_resets
 from .users import User, get_user, lock_user
 
@@ -135,6 +136,12 @@ class Transaction(Base):
 # Plain Core on the tables (no ORM object is kept in step: a caller that holds the User
 # re-reads it). The UPDATE only matches while both buckets stay >= 0.
 _users = User.__table__
+# The user's low-balance threshold, returned by the same UPDATE (a primary-key lookup on
+# the small plans table), so noticing a crossing costs no statement of its own.
+_LOW_THRESHOLD = func.coalesce(
+    _users.c.low_credits_threshold,
+    select(Plan.low_credits_threshold).where(Plan.id == _users.c.plan_id).correlate(_users).scalar_subquery(),
+).label("low_threshold")
 _MOVE_BUCKETS = (
     _users.update()
     .where(_users.c.id == bindparam("user_id"),
@@ -142,7 +149,7 @@ _MOVE_BUCKETS = (
            _users.c.purchased_credits + bindparam("purchased_delta") >= 0)
     .values(plan_credits=_users.c.plan_credits + bindparam("plan_delta"),
             purchased_credits=_users.c.purchased_credits + bindparam("purchased_delta"))
-    .returning(_users.c.plan_credits, _users.c.purchased_credits, _users.c.credits)
+    .returning(_users.c.plan_credits, _users.c.purchased_credits, _users.c.credits, _LOW_THRESHOLD)
 )
 _LOCK_BUCKETS = (
     select(_users.c.plan_credits, _users.c.purchased_credits).where(_users.c.id == bindparam("user_id"))
@@ -185,7 +192,7 @@ def post_entry(
         raise InsufficientCredits()
     # One INSERT .. RETURNING: the entry comes back as a row (id, amounts, balance_after, ...),
     # not as an object the session tracks.
-    return session.execute(_APPEND_ENTRY, dict(
+    entry = session.execute(_APPEND_ENTRY, dict(
         user_id=user_id,
         amount=plan_delta + purchased_delta,
         plan_delta=plan_delta,
@@ -203,6 +210,16 @@ def post_entry(
         description=description,
         created_at=utcnow(),
     )).one()
+    # Crossing the threshold downward is announced once, in this transaction; the balance
+    # must be back at or above it before another crossing (the row lock orders them). An
+    # expiry is not: the period's grant follows it in the same transaction.
+    amount = plan_delta + purchased_delta
+    if (amount < 0 and type != "credit_expiry"
+            and balances.credits < (balances.low_threshold or 0) <= balances.credits - amount):
+        record_event(session, "credits.low", user_id=user_id, data={
+            "balance": balances.credits, "threshold": balances.low_threshold, "transactionId": str(entry.id),
+            "transactionType": type})
+    return entry
 
 
 def spend_credits(

@@ -23,6 +23,7 @@ class Plan(Base):
         CheckConstraint("price_cents >= 0", name="price_nonnegative"),
         CheckConstraint("max_concurrent_tasks > 0", name="max_concurrent_positive"),
         CheckConstraint("default_start_by_seconds > 0", name="default_start_by_positive"),
+        CheckConstraint("low_credits_threshold >= 0", name="low_credits_threshold_nonnegative"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -36,6 +37,8 @@ class Plan(Base):
     # says otherwise with startBy); NULL: no default deadline.
     default_start_by_seconds: Mapped[int | None] = mapped_column(Integer)
     sort_order: Mapped[int] = mapped_column(Integer, default=0)
+    # A balance falling below this emits `credits.low` (0: never); a user may override it.
+    low_credits_threshold: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     def allows(self, task_type: str) -> bool:
         return task_type in self.allowed_task_types

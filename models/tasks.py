@@ -34,7 +34,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapped, Session, defer, mapped_column
 
@@ -46,7 +46,7 @@ from tasktypes.params import parse_params, stored_params
 from .base import Base, check_storable, sql_in, utcnow
 from .credits import Transaction, reverse_entry, spend_credits
 from .db import enqueue_after_commit
-from .events import record_event
+from .events import TASK_EVENT_TYPES, record_event
 from .errors import (
     DomainError,
     IdempotencyKeyReused,
@@ -98,6 +98,7 @@ class AiTask(Base):
         Index("ix_ai_tasks_retry_of_id", "retry_of_id", postgresql_where=text("retry_of_id IS NOT NULL")),
         # The retention job's scan: completed tasks whose output file is still stored.
         Index("ix_ai_tasks_output_unexpired", "completed_at", "id", postgresql_where=text(_OUTPUT_UNEXPIRED_SQL)),
+        CheckConstraint("(webhook_url IS NULL) = (webhook_events IS NULL)", name="webhook_with_events"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -125,6 +126,9 @@ class AiTask(Base):
     start_by: Mapped[datetime | None]
     # The task this one retries (POST /api/tasks/{id}/retry).
     retry_of_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("ai_tasks.id"))
+    # The task's own webhook (models/webhooks.py delivers it, signed with the user's secret).
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str] | None] = mapped_column(ARRAY(String(32)))
 
     @property
     def is_final(self) -> bool:
@@ -138,8 +142,11 @@ class OutputExpired(DomainError):
     code = "output_expired"
 
 
-def request_fingerprint(task_type: str, input: Any, params: dict[str, Any]) -> str:
-    canonical = json.dumps({"type": task_type, "input": input, "params": params}, sort_keys=True, separators=(",", ":"))
+def request_fingerprint(task_type: str, input: Any, params: dict[str, Any], webhook: TaskWebhook | None = None) -> str:
+    request = {"type": task_type, "input": input, "params": params}
+    if webhook is not None:  # only then: the fingerprints of tasks without one stay as they were
+        request["webhook"] = {"url": webhook.url, "events": list(webhook.events)}
+    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -207,6 +214,51 @@ class UrlPolicy:
     allowed_hosts: tuple[str, ...] = ()
 
 
+# What a task's own webhook hears when the request names no events: how the task ended.
+TASK_WEBHOOK_DEFAULT_EVENTS = ("task.completed", "task.failed", "task.cancelled", "task.expired")
+MAX_WEBHOOK_URL_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class TaskWebhook:
+    url: str
+    events: tuple[str, ...] = TASK_WEBHOOK_DEFAULT_EVENTS
+
+
+def check_webhook_url(url: Any, url_policy: UrlPolicy = UrlPolicy()) -> str:
+    """A webhook target StudioX may post to: http(s), no credentials, and not a literal
+    private, loopback or metadata address unless the fetch allowances say so (the same
+    judgement as input URLs; names are resolved and checked again at every delivery)."""
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidInput("The webhook URL is required", code="invalid_webhook_url")
+    url = url.strip()
+    if len(url) > MAX_WEBHOOK_URL_LENGTH:
+        raise InvalidInput(f"The webhook URL is longer than {MAX_WEBHOOK_URL_LENGTH} characters",
+                           code="invalid_webhook_url")
+    if url.split(":", 1)[0].lower() not in ("http", "https"):
+        raise InvalidInput("The webhook URL must be http or https", code="invalid_webhook_url")
+    refusal = url_refusal(url, allow_private=url_policy.allow_private, allowed_hosts=url_policy.allowed_hosts)
+    if refusal:
+        raise InvalidInput(f"The webhook URL {refusal}; StudioX does not deliver there", code="url_not_allowed")
+    return url
+
+
+def task_webhook(url: Any, events: Any = None, url_policy: UrlPolicy = UrlPolicy()) -> TaskWebhook | None:
+    """A submission's `webhook` and `webhookEvents`, checked; None without a URL."""
+    if url is None:
+        if events is not None:
+            raise InvalidInput("webhookEvents needs a webhook URL", code="invalid_webhook_events")
+        return None
+    url = check_webhook_url(url, url_policy)
+    if events is None:
+        return TaskWebhook(url)
+    unknown = [name for name in events if name not in TASK_EVENT_TYPES]
+    if not events or unknown:
+        raise InvalidInput(f"webhookEvents must name task events among {', '.join(TASK_EVENT_TYPES)}",
+                           code="invalid_webhook_events")
+    return TaskWebhook(url, tuple(name for name in TASK_EVENT_TYPES if name in events))
+
+
 # A task's input is one to twenty short sources; anything larger is not a task input.
 MAX_INPUT_BYTES = 64 * 1024
 
@@ -261,6 +313,7 @@ def submit_task(
     url_policy: UrlPolicy = UrlPolicy(),
     start_by: datetime | None = None,
     retry_of: uuid.UUID | None = None,
+    webhook: TaskWebhook | None = None,
 ) -> tuple[AiTask, bool]:
     """Admit a task: valid request, own uploads, plan allows the type, in-flight under the
     limit, available credits cover it; then its message is sent after commit. A task not
@@ -275,7 +328,7 @@ def submit_task(
     cost = task_cost(task_type, request.params)
     # Spares the user a charge-and-refund for another user's (or a mistyped) upload id.
     check_inputs_owned(session, user.id, task_type, input)
-    fingerprint = request_fingerprint(task_type, input, params)
+    fingerprint = request_fingerprint(task_type, input, params, webhook)
 
     user = lock_user(session, user.id)
     if idempotency_key is not None:
@@ -306,7 +359,9 @@ def submit_task(
         raise InvalidInput("startBy must be in the future", code="invalid_start_by")
     task = AiTask(user_id=user.id, type=task_type, status="pending", input=input, params=request.stored_params,
                   credits_used=cost, queue=queue_for(task_type), idempotency_key=idempotency_key,
-                  request_hash=fingerprint, start_by=start_by, retry_of_id=retry_of, created_at=now)
+                  request_hash=fingerprint, start_by=start_by, retry_of_id=retry_of, created_at=now,
+                  webhook_url=webhook.url if webhook else None,
+                  webhook_events=list(webhook.events) if webhook else None)
     session.add(task)
     session.flush()
     enqueue_after_commit(session, task.type, task.id)
@@ -360,8 +415,9 @@ def retry_task(session: Session, user: User, task_id: uuid.UUID, *,
         raise TaskNotFound()
     if old.status not in RETRYABLE_STATUSES:
         raise InvalidTransition(f"Only a failed, cancelled or expired task can be retried; this one is {old.status}")
+    webhook = TaskWebhook(old.webhook_url, tuple(old.webhook_events)) if old.webhook_url else None
     task, _ = submit_task(session, user, old.type, old.input, dict(old.params or {}), url_policy=url_policy,
-                          retry_of=old.id)
+                          retry_of=old.id, webhook=webhook)
     return task
 
 

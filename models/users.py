@@ -20,6 +20,7 @@ class User(Base):
         CheckConstraint("plan_credits >= 0", name="plan_credits_nonnegative"),
         CheckConstraint("purchased_credits >= 0", name="purchased_credits_nonnegative"),
         CheckConstraint("credit_reset_day BETWEEN 1 AND 31", name="credit_reset_day_in_month"),
+        CheckConstraint("low_credits_threshold >= 0", name="low_credits_threshold_nonnegative"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -38,6 +39,8 @@ class User(Base):
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    # The user's own low-balance threshold (credits.low); NULL: the plan's.
+    low_credits_threshold: Mapped[int | None] = mapped_column(Integer)
 
 
 # Built once (a statement memoizes its cache key): every request runs these.

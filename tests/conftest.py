@@ -168,7 +168,8 @@ def user_headers(client, make_token) -> dict[str, str]:
 # --- end-to-end: committed data, real worker processes -------------------------------
 
 E2E_TABLES = ("transactions", "ai_tasks", "uploads", "stripe_events", "sync_cursors", "purchases", "subscriptions",
-              "plan_changes", "events", "users")
+              "plan_changes", "events", "users", "webhook_attempts", "webhook_deliveries", "webhook_endpoints",
+              "webhook_signing_secrets", "webhook_fanout")
 
 
 @pytest.fixture(scope="session")

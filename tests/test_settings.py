@@ -61,14 +61,25 @@ class TestProductionRefusesInsecureConfig:
         from worker.queue import create_celery
 
         settings = from_env(**BASE, BEAT_RESET_SECONDS="7", BEAT_SWEEP_SECONDS="8", BEAT_REAP_SECONDS="9",
-                            BEAT_RECONCILE_SECONDS="10")
+                            BEAT_RECONCILE_SECONDS="10", BEAT_WEBHOOKS_SECONDS="2")
         schedule = {entry["task"]: entry["schedule"] for entry in create_celery(settings).conf.beat_schedule.values()}
         assert schedule == {"maintenance.reset_monthly_credits": 7.0, "maintenance.sweep_lost_messages": 8.0,
-                            "maintenance.reap_stuck_tasks": 9.0, "maintenance.reconcile_stripe": 10.0}
+                            "maintenance.reap_stuck_tasks": 9.0, "maintenance.reconcile_stripe": 10.0,
+                            "maintenance.deliver_webhooks": 2.0}
         defaults = create_celery(from_env(**BASE)).conf.beat_schedule
         assert defaults["reset-monthly-credits"]["schedule"] == 600.0
         with pytest.raises(ConfigError, match="BEAT_SWEEP_SECONDS"):
             from_env(**BASE, BEAT_SWEEP_SECONDS="0")
+        assert defaults["deliver-webhooks"]["schedule"] == 5.0
+
+    def test_webhook_settings_are_read(self):
+        defaults = from_env(**BASE)
+        assert (defaults.webhook_timeout_seconds, defaults.webhook_disable_after_seconds) == (10.0, 86400.0)
+        assert defaults.webhook_retry_seconds[:3] == (5.0, 30.0, 120.0) and sum(defaults.webhook_retry_seconds) < 86400
+        shrunk = from_env(**BASE, WEBHOOK_RETRY_SECONDS="0.5, 1,2", WEBHOOK_DISABLE_AFTER_SECONDS="5")
+        assert (shrunk.webhook_retry_seconds, shrunk.webhook_disable_after_seconds) == ((0.5, 1.0, 2.0), 5.0)
+        with pytest.raises(ConfigError, match="WEBHOOK_RETRY_SECONDS"):
+            from_env(**BASE, WEBHOOK_RETRY_SECONDS="soon")
 
     @pytest.mark.parametrize("missing", ["DATABASE_URL", "REDIS_URL"])
     def test_missing_database_or_broker_is_refused_naming_it(self, missing):

@@ -16,7 +16,7 @@ from models.tasks import (
     stuck_processing_tasks,
 )
 
-from . import jobs, retention, runtime
+from . import jobs, retention, runtime, webhooks
 from .app import app
 from .jobs import JobReport
 
@@ -76,3 +76,9 @@ def expire_stored_files() -> dict[str, int]:
     if days <= 0:
         return {}
     return retention.expire_stored_files(runtime.sessions(), runtime.storage(), timedelta(days=days))
+
+
+@app.task(name="maintenance.deliver_webhooks", ignore_result=True)
+def deliver_webhooks() -> dict[str, int]:
+    """Fan new events out into webhook deliveries and send the due ones (`worker.webhooks`)."""
+    return webhooks.deliver_webhooks(runtime.sessions(), runtime.settings())

@@ -41,6 +41,11 @@ def create_celery(settings: Settings) -> Celery:
             ("reconcile-stripe", "reconcile_stripe", settings.beat_reconcile_seconds),
         )
     }
+    # Webhooks: a tick that found the previous one still queued (workers busy or down) is
+    # dropped rather than piled up; each run covers everything due when it starts.
+    app.conf.beat_schedule["deliver-webhooks"] = {
+        "task": "maintenance.deliver_webhooks", "schedule": float(settings.beat_webhooks_seconds),
+        "options": {"expires": float(settings.beat_webhooks_seconds)}}
     if settings.retention_days > 0:  # RETENTION_DAYS unset or 0: files are kept for ever
         app.conf.beat_schedule["expire-stored-files"] = {
             "task": "maintenance.expire_stored_files", "schedule": float(settings.beat_retention_seconds)}
