@@ -39,6 +39,12 @@ class Context:
 
             self.queue = TaskQueue(create_celery(self.settings))
         self.sessions = make_session_factory(self.engine)
+        if self.settings.events_redis_url:
+            # A task an operator fails wakes the requests and streams waiting on it at once.
+            from models.events import set_notifier
+            from notify import RedisNotifier
+
+            set_notifier(self.sessions, RedisNotifier(self.settings.events_redis_url))
 
 
 def command(*, broker: bool = False):

@@ -153,6 +153,19 @@ class TestPlansAndTasks:
         assert run(cli_db, "credits", "reset-due").output.startswith("reset 0 user(s)")
 
 
+    def test_a_task_failed_by_an_operator_wakes_whoever_waits_on_it(self, cli_db, data, settings):
+        # Last of the class: it fails the pending task the tests above use.
+        import redis
+
+        url = isolated_broker(settings, 7).broker_url
+        listener = redis.Redis.from_url(url).pubsub()
+        listener.subscribe(f"studiox:task:{data['pending']}")
+        assert listener.get_message(timeout=2)["type"] == "subscribe"
+        assert run(cli_db, "tasks", "fail", str(data["pending"]), REDIS_URL=url).exit_code == 0
+        message = listener.get_message(timeout=5)
+        assert message is not None and message["type"] == "message"  # the event's id
+        listener.close()
+
 class TestStripe:
     def test_replay_applies_a_stored_event_again_without_moving_money_twice(self, cli_db, data):
         sessions = sessions_of(cli_db)
