@@ -402,6 +402,7 @@
       el("td", { text: t.description || (t.taskId ? `task ${shortId(t.taskId)}` : "") }))));
     $("ledger-older").disabled = !page.nextCursor;
     $("ledger-newest").disabled = index === 0;
+    $("ledger-newer").disabled = index === 0;
     $("ledger-page").textContent = `page ${index + 1}`;
   }
 
@@ -1081,6 +1082,8 @@
     $("task-form").addEventListener("submit", submitTask);
     $("tasks-more").addEventListener("click", () => loadTasks(true).catch((err) => alertError(err, "Tasks")));
     $("ledger-older").addEventListener("click", () => loadLedger(state.ledgerIndex + 1).catch((err) => alertError(err, "Ledger")));
+    $("ledger-newer").addEventListener("click", () => loadLedger(Math.max(0, state.ledgerIndex - 1))
+      .catch((err) => alertError(err, "Ledger")));
     $("ledger-newest").addEventListener("click", () => loadLedger(0).catch((err) => alertError(err, "Ledger")));
     $("history-more").addEventListener("click", () => loadHistory(true).catch((err) => alertError(err, "History")));
     $("portal").addEventListener("click", openPortal);

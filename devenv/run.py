@@ -215,15 +215,18 @@ def wait_until_ready(api_url: str, flower: tuple[str, int], stopping: threading.
     return not stopping.is_set()
 
 
-def events_port(env: dict[str, str], host: str, port: int) -> int:
-    """EVENTS_PORT, or (unset) the API's port + 1, or a free one if that is taken: the events
-    process is an extra, and a developer's other server on 8001 should not stop `make run`."""
+def events_port(env: dict[str, str], host: str, port: int, taken: tuple[int, ...] = ()) -> int:
+    """EVENTS_PORT, or (unset) the API's port + 1, or a free one if that is taken (by another
+    server, or by one of `taken`, e.g. Flower's port): the events process is an extra, and a
+    developer's other server on 8001 should not stop `make run`."""
     if env.get("EVENTS_PORT"):
         return _port(env, "EVENTS_PORT", 8001)
     from devenv.embedded import free_port
 
     wanted = port + 1
-    return wanted if wanted < 65536 and not port_in_use(host, wanted) else free_port()
+    if wanted < 65536 and wanted not in taken and not port_in_use(host, wanted):
+        return wanted
+    return free_port()
 
 
 def console_link(api_url: str, token: str | None) -> str:
@@ -410,7 +413,7 @@ def run(migrate_only: bool) -> int:
     embedded_redis = not (env.get("REDIS_URL") or env.get("BROKER_URL"))
     check_host = host if host not in ("", "::") else "0.0.0.0"
     if not migrate_only:
-        env["EVENTS_PORT"] = str(events_port(env, check_host, port))
+        env["EVENTS_PORT"] = str(events_port(env, check_host, port, taken=(flower_port,)))
         ports = {"PORT": port, "FLOWER_PORT": flower_port, "EVENTS_PORT": int(env["EVENTS_PORT"])}
         if embedded_redis and env.get("REDIS_PORT"):
             ports["REDIS_PORT"] = _port(env, "REDIS_PORT", 6379)

@@ -182,3 +182,11 @@ def test_make_run_serves_the_banner_token_and_ctrl_c_leaves_nothing_behind(tmp_p
             os.killpg(run.process.pid, signal.SIGKILL)
             run.process.wait()
         _kill_leftovers(var_dir, [p for p in (port, flower_port, redis_port) if p])
+
+
+def test_the_events_port_never_takes_flowers():
+    from devenv.run import events_port
+
+    api = free_port()
+    assert events_port({}, "127.0.0.1", api, taken=(api + 1,)) not in (api, api + 1)
+    assert events_port({"EVENTS_PORT": "9123"}, "127.0.0.1", api) == 9123
