@@ -144,6 +144,21 @@ class TestDeadlinesWithWorkers:
             assert s.scalar(select(Event.type).where(Event.task_id == uuid.UUID(late["id"]))) == "task.expired"
             assert list(run_checks(s)) == []
 
+    def test_a_deadline_passing_behind_a_long_task_in_its_queue_expires_it_uncharged(self, quiet, e2e_db, tmp_path):
+        settings, celery, client, headers, _ = quiet
+        long = create(client, headers, {**IMAGE_UPLOAD, "params": {"sleep": 3}}).json["task"]
+        with CeleryWorker(worker_env(settings, PROCESSOR_OVERRIDES=OVERRIDES), queues=("image_analysis",),
+                          concurrency=1, name=f"one{uuid.uuid4().hex[:6]}", log_path=tmp_path / "one.log").start(celery):
+            wait_for(lambda: task_of(client, headers, long["id"])["status"] == "processing", 30, message="long runs")
+            behind = create(client, headers, IMAGE_UPLOAD, startBy=1).json["task"]
+            assert task_of(client, headers, behind["id"])["queuePosition"] == 1
+            final = wait_for(lambda: (t := task_of(client, headers, behind["id"]))["status"] in
+                             ("expired", "completed") and t, 30, message="the task behind to end")
+            assert wait_for(lambda: task_of(client, headers, long["id"])["status"] == "completed", 30,
+                            message="the long task")
+        assert final["status"] == "expired" and final["startedAt"] is None
+        assert charges(e2e_db, behind["id"]) == 0 and charges(e2e_db, long["id"]) == 1
+
     def test_the_sweep_expires_overdue_tasks_nobody_picks_up(self, quiet, e2e_db, tmp_path):
         settings, celery, client, headers, _ = quiet
         late = create(client, headers, startBy=1).json["task"]
