@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 
-BENCHMARKS = ("pipeline", "http", "media", "webhook", "reset")
+BENCHMARKS = ("pipeline", "http", "media", "webhook", "reset", "live")
 
 
 def _entry_point(module):
