@@ -14,7 +14,7 @@ from models.db import create_engine, make_session_factory
 from models.base import MAX_JSON_DEPTH, check_storable
 from models.errors import InvalidInput
 from models.events import set_notifier
-from models.tasks import UrlPolicy
+from models.admission import UrlPolicy
 from notify import RedisNotifier
 from settings import Settings
 from storage import storage_from_settings

@@ -18,20 +18,16 @@ from models import AiTask
 from models.db import unsent_messages
 from models.errors import InvalidInput, TaskNotFound
 from models.base import utcnow
+from models.admission import UrlPolicy, estimate_task, retry_task, submit_task, task_webhook
 from models.tasks import (
-    UrlPolicy,
     admin_set_status,
     cancel_task,
     encode_cursor,
-    estimate_task,
     get_task_of,
     list_tasks,
     queue_positions,
     retries_of,
-    retry_task,
-    submit_task,
     task_stats,
-    task_webhook,
 )
 
 from . import schemas

@@ -5,7 +5,7 @@ from __future__ import annotations
 import falcon
 
 from models.credits import initialize_user, list_transactions
-from models.tasks import credit_summary
+from models.admission import credit_summary
 
 from . import schemas
 from .context import current_user

@@ -17,7 +17,8 @@ from typing_extensions import Annotated
 
 from models.events import EVENT_TYPES, TASK_EVENT_TYPES
 from models.errors import TaskNotFound
-from models.tasks import UrlPolicy, get_task_of
+from models.admission import UrlPolicy
+from models.tasks import get_task_of
 from models.webhooks import (
     MAX_ENDPOINTS_PER_USER,
     WebhookAttempt,

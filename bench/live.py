@@ -310,7 +310,7 @@ def admit_pending(env: Env, users: list[BenchUser], count: int, per_user: int) -
     """`count` pending tasks admitted as the API admits them (models.submit_task), their
     messages never sent: nobody will process them, so their streams stay idle."""
     from models.db import make_session_factory, session_scope
-    from models.tasks import submit_task
+    from models.admission import submit_task
     from models.users import lock_user
 
     sessions = make_session_factory(env.engine, send_task=lambda task_type, task_id: None)

@@ -220,7 +220,7 @@ def admit_tasks(env: Env, users: list[BenchUser], task_type: str, n: int) -> lis
     the outbox's messages are collected here (the ids), and sent from one producer once the
     clock runs (run_ours_drain)."""
     from models.db import make_session_factory, session_scope
-    from models.tasks import submit_task
+    from models.admission import submit_task
     from models.users import lock_user
 
     sessions = make_session_factory(env.engine, send_task=lambda task_type, task_id: None)

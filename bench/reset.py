@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select, text

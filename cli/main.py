@@ -22,7 +22,8 @@ from models.billing import change_plan
 from models.credits import Transaction, adjust_credits, list_transactions
 from models.db import create_engine, make_session_factory, session_scope, set_sender
 from models.errors import DomainError
-from models.tasks import AiTask, admin_set_status, credit_summary
+from models.admission import credit_summary
+from models.tasks import AiTask, admin_set_status
 from models.users import User
 from settings import ConfigError
 

@@ -48,7 +48,8 @@ from .base import Base, sql_in, utcnow
 from .errors import DomainError, InvalidInput
 from .events import EVENT_TYPES, Event
 from .plans import Plan
-from .tasks import AiTask, UrlPolicy, check_webhook_url
+from .admission import UrlPolicy, check_webhook_url
+from .tasks import AiTask
 from .users import User, lock_user
 
 DELIVERY_STATUSES = ("pending", "delivered", "failed", "cancelled")

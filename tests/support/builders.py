@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from models import AiTask, User
 from models.billing import change_plan
 from models.credits import initialize_user, post_entry
-from models.tasks import start_task, submit_task
+from models.admission import submit_task
+from models.tasks import start_task
 
 DEFAULT_INPUT = "https://example.com/in.png"
 
