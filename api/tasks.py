@@ -103,7 +103,8 @@ def _answer_created(req: falcon.Request, resp: falcon.Response, task: AiTask, cr
     else:
         resp.set_header("Idempotent-Replayed", "true")
     wait_for_task(req, resp, waits, task)
-    resp.media = media(schemas.TaskEnvelope(task=task_view(session, task)))
+    # A task just made has no retries yet: only its queue position is read.
+    resp.media = media(schemas.TaskEnvelope(task=task_view(session, task, new=created)))
 
 
 def _withdraw_unsent(session: Session, task_id: uuid.UUID) -> bool:
@@ -165,10 +166,10 @@ class RetryTaskResource:
         _answer_created(req, resp, task, True, self.waits)
 
 
-def task_view(session: Session, task: AiTask) -> schemas.TaskOut:
+def task_view(session: Session, task: AiTask, *, new: bool = False) -> schemas.TaskOut:
     """One task as the API shows it: with its queue position and its retries."""
     return task_out(task, position=queue_positions(session, [task]).get(task.id),
-                    retries=retries_of(session, [task.id]).get(task.id))
+                    retries=[] if new else retries_of(session, [task.id]).get(task.id))
 
 
 class TasksResource:

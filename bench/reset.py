@@ -4,7 +4,7 @@ the per-user loop the reset used before it was set-based, measured in the same r
 data:     N users (default 1,000,000; --quick 100,000) due for a reset, generated in bulk by
           SQL with their ledger rows (a signup grant each, a purchase for one in ten, so the
           balance equals the ledger), on the free, pro and enterprise plans, their periods
-          having ended over the last five weeks; then VACUUM ANALYZE.
+          having ended over the last 25 days; then VACUUM ANALYZE.
 baseline: the per-user loop of before (one transaction per user: lock the row, read the
           plan, post the expiry and the grant, move the date in Python), on the S users
           due first (default 5,000), in this process.
@@ -63,7 +63,9 @@ def generate(env: Env, n: int) -> float:
                    i % 21, CASE WHEN i % 10 = 3 THEN 100 ELSE 0 END,
                    t, extract(day FROM t AT TIME ZONE 'UTC'), now() - interval '40 days'
             FROM generate_series(1, :n) AS i,
-                 LATERAL (SELECT now() - make_interval(mins => 1 + i % 50000)) AS due(t)
+                 -- due from 1 minute to 25 days ago: a month on from each is days ahead, so no
+                 -- user's next period can start while the benchmark runs
+                 LATERAL (SELECT now() - make_interval(mins => 1 + i % 36000)) AS due(t)
         """), {"n": n})
         conn.execute(text("""
             INSERT INTO transactions (user_id, amount, plan_delta, purchased_delta, bucket, balance_after, type,
