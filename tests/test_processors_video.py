@@ -1,9 +1,16 @@
 """video_generation makes a real H.264 MP4 (decoded back here to check it), streams frames to
-ffmpeg, stops ffmpeg when the task is cancelled, and fails permanently on bad input."""
+ffmpeg while a drawing thread draws the next ones, stops ffmpeg and its threads when
+the task is cancelled or anything fails, keeps memory flat in the video's length, and fails
+permanently on bad input."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import threading
+import time
+import tracemalloc
+import weakref
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -53,6 +60,35 @@ def run(tmp_path: Path, inputs: list[InputFile], ctx=None, **params) -> tuple[di
     output = generate_video(inputs, {**SMALL, **params}, ctx)
     meta, frames = decode(ctx.storage.path(output["file"]["key"]))
     return output, meta, frames
+
+
+def our_threads() -> list[str]:
+    """The processor's own threads still alive (the drawing thread)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("video-frames")]
+
+
+@pytest.fixture
+def ffmpegs(monkeypatch) -> list[subprocess.Popen]:
+    """Every ffmpeg the processor starts to encode, to check none is left running."""
+    video.video_encoder()  # asks ffmpeg for its encoders once per process: not one to count
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        process = real_popen(*args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(video.subprocess, "Popen", recording_popen)
+    return started
+
+
+def photo(tmp_path: Path, name: str, seed: int) -> Path:
+    """A noisy JPEG (big enough that cutting it leaves a valid header and missing pixels)."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / name
+    Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path, quality=90)
+    return path
 
 
 def mean_colour(frame: np.ndarray) -> np.ndarray:
@@ -163,24 +199,169 @@ class TestProgressAndCancellation:
         assert recorder.values == sorted(recorder.values) and recorder.values[-1] == 100
         assert len(recorder.values) >= 20
 
-    def test_cancel_mid_video_kills_ffmpeg_and_saves_nothing(self, tmp_path, monkeypatch):
-        started: list[subprocess.Popen] = []
-        real_popen = subprocess.Popen
-
-        def recording_popen(*args, **kwargs):
-            process = real_popen(*args, **kwargs)
-            started.append(process)
-            return process
-
-        monkeypatch.setattr(video.subprocess, "Popen", recording_popen)
+    def test_cancel_mid_video_kills_ffmpeg_and_saves_nothing(self, tmp_path, ffmpegs):
         recorder = Recorder(cancel_after_progress=15)
         ctx = make_ctx(tmp_path, recorder)
         with pytest.raises(Cancelled):
             generate_video([pattern(tmp_path)], {**SMALL, "duration": 10, "fps": 25}, ctx)
         assert len(recorder.values) == 15  # stopped at the first check after the flip
-        assert len(started) == 1 and started[0].poll() is not None
+        assert len(ffmpegs) == 1 and ffmpegs[0].poll() is not None
+        assert our_threads() == []  # the drawing thread was joined
         assert not (tmp_path / "storage" / "outputs").exists()
         assert not (tmp_path / "work" / "video.mp4").exists()
+
+    def test_drawing_stops_within_the_queue_of_the_cancel(self, tmp_path, monkeypatch):
+        recorder = Recorder(cancel_after_progress=10)
+        drawn_after_cancel = []
+        real_render = video.render_frame
+
+        def render_and_count(sources, timeline, frame, *args):
+            if recorder.is_cancelled():
+                drawn_after_cancel.append(frame)
+            return real_render(sources, timeline, frame, *args)
+
+        monkeypatch.setattr(video, "render_frame", render_and_count)
+        with pytest.raises(Cancelled):
+            generate_video([pattern(tmp_path), pattern(tmp_path, "p2.png")], {**SMALL, "duration": 10},
+                           make_ctx(tmp_path, recorder))
+        # The drawing thread is at most a queue ahead, and stops after the frame in hand.
+        assert len(drawn_after_cancel) <= video.QUEUE_FRAMES + 1
+        assert our_threads() == []
+
+
+class TestTheDrawingThread:
+    """Frames are drawn on a thread of their own while the task's thread feeds them to
+    ffmpeg: whatever goes wrong, the task fails with the real error and nothing it started
+    is left behind."""
+
+    def test_drawing_runs_ahead_of_ffmpeg_by_at_most_the_queue(self, tmp_path, monkeypatch):
+        written = [0]
+        ahead: list[int] = []
+        real_render, real_write = video.render_frame, video._Encoder.write
+
+        def render_and_measure(sources, timeline, frame, *args):
+            ahead.append(frame - written[0])
+            return real_render(sources, timeline, frame, *args)
+
+        def slow_write(self, frame):
+            time.sleep(0.005)  # an encoder slower than the drawing
+            real_write(self, frame)
+            written[0] += 1
+
+        monkeypatch.setattr(video, "render_frame", render_and_measure)
+        monkeypatch.setattr(video._Encoder, "write", slow_write)
+        run(tmp_path, [pattern(tmp_path)], duration=2, fps=25)
+        # It does draw ahead (the overlap), and no further than the queue plus the frame
+        # being written (the bound on memory).
+        assert max(ahead) == video.QUEUE_FRAMES + 1
+
+    def test_an_error_in_the_drawing_thread_fails_the_task_and_reaps_ffmpeg_and_the_threads(
+            self, tmp_path, monkeypatch, ffmpegs):
+        real_render = video.render_frame
+
+        def render_then_break(sources, timeline, frame, *args):
+            if frame == 30:
+                raise RuntimeError("the drawing broke")
+            return real_render(sources, timeline, frame, *args)
+
+        monkeypatch.setattr(video, "render_frame", render_then_break)
+        with pytest.raises(RuntimeError, match="the drawing broke"):
+            generate_video([pattern(tmp_path), solid(tmp_path, "r.png", RED)], {**SMALL, "duration": 5},
+                           make_ctx(tmp_path))
+        assert len(ffmpegs) == 1 and ffmpegs[0].poll() is not None
+        assert our_threads() == []
+        assert not (tmp_path / "storage" / "outputs").exists()
+        assert not (tmp_path / "work" / "video.mp4").exists()
+
+    def test_an_image_that_fails_to_decode_mid_video_fails_the_task(self, tmp_path, ffmpegs):
+        whole = photo(tmp_path, "whole.jpg", seed=3).read_bytes()
+        cut = tmp_path / "cut.jpg"
+        cut.write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels stop half-way
+        with pytest.raises(PermanentError) as caught:
+            generate_video([pattern(tmp_path), solid(tmp_path, "r.png", RED), InputFile(cut, "image/jpeg")],
+                           {**SMALL, "duration": 6}, make_ctx(tmp_path))
+        assert caught.value.code == "invalid_image"
+        assert len(ffmpegs) == 1 and ffmpegs[0].poll() is not None
+        assert our_threads() == []
+        assert not (tmp_path / "storage" / "outputs").exists()
+
+    def test_a_time_limit_stops_ffmpeg_and_the_drawing(self, tmp_path, ffmpegs):
+        """Celery's soft time limit is a signal whose handler raises in the task's thread,
+        wherever it is waiting: for a drawn frame, or for ffmpeg to take one."""
+
+        class SoftLimit(Exception):
+            pass
+
+        def over_time(signum, frame):
+            raise SoftLimit()
+
+        previous = signal.signal(signal.SIGALRM, over_time)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(SoftLimit):
+                generate_video([pattern(tmp_path)], {**SMALL, "duration": 60, "fps": 25}, make_ctx(tmp_path))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert len(ffmpegs) == 1 and ffmpegs[0].poll() is not None
+        assert our_threads() == []
+        assert not (tmp_path / "work" / "video.mp4").exists()
+
+    def test_ffmpeg_dying_mid_video_fails_the_task_and_stops_the_drawing(self, tmp_path, ffmpegs):
+        class KillingRecorder(Recorder):
+            def progress(self, value: int) -> None:
+                super().progress(value)
+                if value == 20:
+                    ffmpegs[0].kill()
+
+        with pytest.raises(PermanentError) as caught:
+            generate_video([pattern(tmp_path)], {**SMALL, "duration": 10, "fps": 25},
+                           make_ctx(tmp_path, KillingRecorder()))
+        assert caught.value.code == "encoder_failed" and "exit -9" in caught.value.message
+        assert ffmpegs[0].poll() is not None
+        assert our_threads() == []
+
+
+class TestMemory:
+    def test_memory_does_not_grow_with_the_length(self, tmp_path):
+        inputs = [pattern(tmp_path), solid(tmp_path, "r.png", RED)]
+
+        def peak_bytes(seconds: float) -> int:
+            tracemalloc.start()  # numpy (and so every OpenCV result) reports its buffers to it
+            try:
+                generate_video(inputs, {**SMALL, "duration": seconds, "fps": 25}, make_ctx(tmp_path / str(seconds)))
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+        peak_bytes(0.2)  # first use fills caches (fonts, codecs) that are not per video
+        short, long = peak_bytes(1), peak_bytes(8)
+        frame = SMALL["width"] * SMALL["height"] * 3
+        # The long video holds the same few frames as the short one, not 8x as many.
+        assert long < short + 4 * frame, (short, long)
+
+    def test_at_most_two_images_are_decoded_at_a_time(self, tmp_path, monkeypatch):
+        alive: weakref.WeakSet = weakref.WeakSet()
+        most = [0]
+        real_init, real_render = video._Source.__init__, video.render_frame
+
+        def tracked_init(self, *args, **kwargs):
+            real_init(self, *args, **kwargs)
+            alive.add(self)
+
+        def render_and_count(*args, **kwargs):
+            most[0] = max(most[0], len(alive))
+            return real_render(*args, **kwargs)
+
+        monkeypatch.setattr(video._Source, "__init__", tracked_init)
+        monkeypatch.setattr(video, "render_frame", render_and_count)
+        colours = [RED, BLUE, (20, 200, 20), (200, 200, 20), (200, 20, 200)]
+        _, _, frames = run(tmp_path, [solid(tmp_path, f"{i}.png", c) for i, c in enumerate(colours)],
+                           duration=5, fps=10, motion="none", transition="crossfade")
+        assert most[0] == 2
+        # Each image still shows in its own slot.
+        for i, colour in enumerate(colours):
+            assert np.allclose(mean_colour(frames[10 * i + 3]), colour, atol=12)
 
 
 class TestFailures:
