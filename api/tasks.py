@@ -18,7 +18,7 @@ from models import AiTask
 from models.db import unsent_messages
 from models.errors import InvalidInput, TaskNotFound
 from models.base import utcnow
-from models.admission import UrlPolicy, estimate_task, retry_task, submit_task, task_webhook
+from models.admission import RETRYABLE_STATUSES, UrlPolicy, estimate_task, retry_task, submit_task, task_webhook
 from models.tasks import (
     admin_set_status,
     cancel_task,
@@ -167,9 +167,11 @@ class RetryTaskResource:
 
 
 def task_view(session: Session, task: AiTask, *, new: bool = False) -> schemas.TaskOut:
-    """One task as the API shows it: with its queue position and its retries."""
+    """One task as the API shows it: with its queue position (a query only while pending)
+    and its retries (only a failed, cancelled or expired task can have any)."""
+    retryable = not new and task.status in RETRYABLE_STATUSES
     return task_out(task, position=queue_positions(session, [task]).get(task.id),
-                    retries=[] if new else retries_of(session, [task.id]).get(task.id))
+                    retries=retries_of(session, [task.id]).get(task.id) if retryable else [])
 
 
 class TasksResource:
@@ -181,7 +183,7 @@ class TasksResource:
         tasks, next_cursor = list_tasks(session, current_user(req), status=query.status,
                                         task_type=query.type, cursor=query.cursor, limit=query.limit)
         positions = queue_positions(session, tasks)
-        retries = retries_of(session, [task.id for task in tasks])
+        retries = retries_of(session, [task.id for task in tasks if task.status in RETRYABLE_STATUSES])
         # Each task is encoded once: to measure the page, and as the page.
         page: list[str] = []
         size = 0
