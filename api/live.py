@@ -356,6 +356,9 @@ PREFER_HEADER = {
                    "then answer with the task as it is then, with `Preference-Applied: wait=N`. When too many "
                    "requests already wait in the process, it answers at once without Preference-Applied.",
 }
+PREFERENCE_APPLIED = {"Preference-Applied": {
+    "description": "`wait=N` when the answer waited (RFC 7240); absent when it did not", "required": False,
+    "schema": {"type": "string", "pattern": "^wait=[0-9]+$"}}}
 WAIT_NOTE = (" With `Prefer: wait=N` the answer waits until the task is final or N seconds passed "
              "(`Preference-Applied: wait=N` says it did).")
 

@@ -53,6 +53,8 @@ class Operation:
     headers: tuple[dict[str, Any], ...] = ()
     # OpenAPI links by response status: what a client (and the fuzzer) may call next with it.
     links: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # Headers an answer may carry, by response status: {name: OpenAPI header object}.
+    response_headers: dict[int, dict[str, Any]] = field(default_factory=dict)
     description: str = ""
     tags: tuple[str, ...] = ()
 
@@ -181,6 +183,8 @@ def _operation_object(path: str, method: str, resource: Any, op: Operation,
                                   "content": _content(schema)}
         if status in op.links:
             responses[str(status)]["links"] = op.links[status]
+        if status in op.response_headers:
+            responses[str(status)]["headers"] = op.response_headers[status]
     for status in sorted(errors):
         responses[str(status)] = {"description": ERROR_STATUSES[status], "content": _content(schemas.ErrorBody)}
     doc["responses"] = responses

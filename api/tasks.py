@@ -33,7 +33,7 @@ from models.tasks import (
 from . import schemas
 from .context import current_user, parse_uuid
 from .errors import BrokerUnavailable
-from .live import PREFER_HEADER, WAIT_NOTE, Waits, wait_for_task
+from .live import PREFER_HEADER, PREFERENCE_APPLIED, WAIT_NOTE, Waits, wait_for_task
 from .openapi import operation
 from .serialize import media, task_out
 
@@ -60,7 +60,10 @@ class CreateTaskResource:
         self.url_policy, self.waits = url_policy, waits
 
     @operation("Submit a task", body=schemas.CreateTaskBody, headers=(IDEMPOTENCY_KEY, PREFER_HEADER),
-               links={201: TASK_LINKS},
+               links={201: TASK_LINKS}, response_headers={201: PREFERENCE_APPLIED, 200: {
+                   **PREFERENCE_APPLIED, "Idempotent-Replayed": {
+                       "description": "`true`: the task submitted earlier under this Idempotency-Key",
+                       "required": False, "schema": {"type": "string", "enum": ["true"]}}}},
                responses={201: schemas.TaskEnvelope, 200: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
                description="Checks the plan (403), the tasks in flight (429) and the available credits (402), "
                            "then queues the task. Credits are charged when a worker starts it." + WAIT_NOTE)
@@ -158,6 +161,7 @@ class RetryTaskResource:
 
     @operation("Retry a failed, cancelled or expired task as a new task", links={201: TASK_LINKS},
                headers=(PREFER_HEADER,), responses={201: schemas.TaskEnvelope}, errors=(402, 403, 404, 409, 429),
+               response_headers={201: PREFERENCE_APPLIED},
                description="A new task with the same type, input and params, admitted and charged as any new "
                            "one; it names the old one in retryOf, and the old one lists it in retries." + WAIT_NOTE)
     def on_post(self, req: falcon.Request, resp: falcon.Response, task_id: str) -> None:
@@ -209,7 +213,7 @@ class TaskResource:
         self.waits = waits
 
     @operation("Read one of your tasks (poll it for progress)", responses={200: schemas.TaskEnvelope},
-               headers=(PREFER_HEADER,), errors=(404,),
+               headers=(PREFER_HEADER,), errors=(404,), response_headers={200: PREFERENCE_APPLIED},
                description="Or, rather than polling, wait for it to end with Prefer: wait, or follow it with "
                            "GET /api/tasks/{task_id}/events." + WAIT_NOTE)
     def on_get(self, req, resp, task_id: str) -> None:

@@ -73,6 +73,16 @@ class TestDocument:
         assert document["paths"]["/api/tasks/{task_id}/status"]["patch"]["security"] == [{"bearerAuth": []}]
         assert document["paths"]["/health"]["get"]["security"] == []
 
+    def test_the_wait_routes_document_the_headers_they_take_and_answer(self, client):
+        paths = client.simulate_get("/openapi.json").json["paths"]
+        for path, method, status in (("/api/tasks/create", "post", "201"), ("/api/tasks/{task_id}/retry", "post", "201"),
+                                     ("/api/tasks/{task_id}", "get", "200")):
+            op = paths[path][method]
+            assert "Prefer" in [p["name"] for p in op["parameters"]]
+            assert "Preference-Applied" in op["responses"][status]["headers"]
+        assert "Idempotent-Replayed" in paths["/api/tasks/create"]["post"]["responses"]["200"]["headers"]
+        assert "Last-Event-ID" in [p["name"] for p in paths["/api/tasks/{task_id}/events"]["get"]["parameters"]]
+
     def test_docs_page_uses_assets_served_by_the_app(self, client):
         page = client.simulate_get("/docs")
         assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
