@@ -40,6 +40,7 @@ from tests.support import netns
 from tests.support.builders import image_bytes
 from tests.support.env import worker_env
 from tests.support.s3 import CREDENTIALS, SCRUBBED, S3Server
+from tests.support.web import http_request
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +88,7 @@ class Cluster:
         if json_body is not None:
             body = json.dumps(json_body).encode()
             headers["Content-Type"] = "application/json"
-        return netns.http_request(self.api.ip, API_PORT, method, path, body=body, headers=headers, timeout=timeout)
+        return http_request(self.api.ip, API_PORT, method, path, body=body, headers=headers, timeout=timeout)
 
     def call(self, method: str, path: str, expect: int, **kwargs) -> dict:
         status, _, payload = self.request(method, path, **kwargs)
@@ -169,7 +170,7 @@ def _wait_for_api(ip: str, process, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if netns.http_request(ip, API_PORT, "GET", "/health", timeout=3)[0] == 200:
+            if http_request(ip, API_PORT, "GET", "/health", timeout=3)[0] == 200:
                 return
         except OSError:
             pass

@@ -298,16 +298,5 @@ def start_moto(host: Host, log_path: Path, env: dict[str, str], port: int = 5000
             time.sleep(0.2)
 
 
-def http_request(ip: str, port: int, method: str, path: str, *, body: bytes | None = None,
-                 headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(ip, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
-
-
 def temp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))

@@ -22,6 +22,7 @@ import pytest
 import redis
 
 from devenv.embedded import free_port, redis_server_binary
+from tests.support.web import stop_process
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -213,13 +214,7 @@ class PrivateRedis:
             self.process.wait(10)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
 
     def close(self) -> None:
         self.stop()
